@@ -1,0 +1,22 @@
+"""asyncdump: save images from PyTorch loops without waiting for encoding or disk.
+
+    from asyncdump import AsyncImageSink
+    with AsyncImageSink("samples", format="png") as sink:
+        for step, batch in enumerate(loader):
+            ...
+            sink.submit(fake_images, step=step)   # returns at once
+"""
+
+from ._errors import AsyncDumpError, BufferFullError
+from ._sink import AsyncImageSink
+from ._stats import SinkStats
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AsyncDumpError",
+    "AsyncImageSink",
+    "BufferFullError",
+    "SinkStats",
+    "__version__",
+]

@@ -1,0 +1,190 @@
+"""The staging buffer: anonymous shared memory that the producer and every worker map.
+
+``os.memfd_create`` + ``ftruncate`` + ``mmap`` gives memory with no name: nothing appears in
+/dev/shm (so Docker's 64 MB /dev/shm does not bound it) and the kernel frees it when the last
+process holding the fd or a mapping exits, even after ``kill -9`` of the parent. Workers get
+the fd through ``pass_fds``.
+
+Space is handed out in byte extents by a first-fit free list. First fit keeps reusing the
+lowest addresses, so the pages that staging touches stay warm instead of faulting in fresh
+ones. Any sub-range of a reservation can be released on its own, which lets one image of a
+batch free its bytes as soon as it is encoded.
+"""
+
+from __future__ import annotations
+
+import bisect
+import mmap
+import os
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+
+ALIGNMENT = 64  # bytes: every region starts on a cache line (and any dtype's alignment)
+PREFAULT_BYTES = 64 << 20  # touched at start so the first batches do not pay page faults
+
+
+def _round_up(value: int, multiple: int) -> int:
+    return -(-value // multiple) * multiple
+
+
+def _anonymous_fd(size: int) -> int:
+    if hasattr(os, "memfd_create"):
+        fd = os.memfd_create("asyncdump-buffer", os.MFD_CLOEXEC)
+    else:  # pragma: no cover - non-Linux: an unlinked temporary file has the same lifetime rules
+        handle = tempfile.TemporaryFile()  # noqa: SIM115 - only its fd is kept
+        fd = os.dup(handle.fileno())
+        handle.close()
+    os.ftruncate(fd, size)
+    return fd
+
+
+class SharedBuffer:
+    """``capacity_bytes`` of shared memory with reserve/release accounting.
+
+    Thread-safe: the producer reserves, the collector releases.
+    """
+
+    def __init__(self, capacity_bytes: int):
+        if capacity_bytes < 1:
+            raise ValueError(f"max_buffer_bytes must be >= 1, got {capacity_bytes}")
+        self.capacity_bytes = int(capacity_bytes)
+        self.mapped_bytes = _round_up(self.capacity_bytes, mmap.PAGESIZE)
+        self.fd = _anonymous_fd(self.mapped_bytes)
+        self._mm: mmap.mmap | None = mmap.mmap(self.fd, self.mapped_bytes)
+        # np.frombuffer keeps the mmap export alive: mm.close() raises instead of leaving a
+        # dangling view that would segfault (see DESIGN.md).
+        self._array: np.ndarray | None = np.frombuffer(self._mm, dtype=np.uint8)
+        # First fit reuses the low addresses, so warming them once keeps staging at memcpy speed.
+        self._array[: min(self.capacity_bytes, PREFAULT_BYTES)].fill(0)
+        self._torch_view: Any = None
+        self._pinned_ptr: int | None = None
+        self._starts: list[int] = [0]  # free extents, sorted by start
+        self._ends: list[int] = [self.capacity_bytes]
+        self._cond = threading.Condition()
+        self.buffered_bytes = 0
+        self.peak_buffered_bytes = 0
+
+    # -- space -----------------------------------------------------------------------------
+    def _take(self, nbytes: int) -> int | None:
+        for i, (start, end) in enumerate(zip(self._starts, self._ends, strict=False)):
+            offset = _round_up(start, ALIGNMENT)
+            if offset + nbytes > end:
+                continue
+            # Split [start, end) into [start, offset) + reserved + [offset + nbytes, end).
+            del self._starts[i], self._ends[i]
+            if offset + nbytes < end:
+                self._starts.insert(i, offset + nbytes)
+                self._ends.insert(i, end)
+            if start < offset:
+                self._starts.insert(i, start)
+                self._ends.insert(i, offset)
+            self.buffered_bytes += nbytes
+            self.peak_buffered_bytes = max(self.peak_buffered_bytes, self.buffered_bytes)
+            return offset
+        return None
+
+    def reserve(
+        self,
+        nbytes: int,
+        *,
+        block: bool,
+        check: Callable[[], None] | None = None,
+    ) -> tuple[int | None, float]:
+        """Reserve ``nbytes``; returns ``(offset or None, seconds spent waiting)``.
+
+        With ``block``, waits until space frees up; ``check`` runs on every wake-up and may
+        raise to abandon the wait (the sink broke or is closing).
+        """
+        if nbytes > self.capacity_bytes:
+            raise ValueError(f"{nbytes} bytes can never fit a {self.capacity_bytes}-byte buffer")
+        with self._cond:
+            offset = self._take(nbytes)
+            if offset is not None or not block:
+                return offset, 0.0
+            began = time.perf_counter()
+            while offset is None:
+                if check is not None:
+                    check()
+                self._cond.wait(timeout=0.5)
+                offset = self._take(nbytes)
+            return offset, time.perf_counter() - began
+
+    def release(self, offset: int, nbytes: int) -> None:
+        """Give ``[offset, offset + nbytes)`` back; neighbours coalesce."""
+        if nbytes <= 0:
+            return
+        end = offset + nbytes
+        with self._cond:
+            i = bisect.bisect_left(self._starts, offset)
+            if (i > 0 and self._ends[i - 1] > offset) or (i < len(self._starts) and self._starts[i] < end):
+                raise RuntimeError(f"double release of buffer bytes [{offset}, {end})")
+            if i < len(self._starts) and self._starts[i] == end:
+                end = self._ends[i]
+                del self._starts[i], self._ends[i]
+            if i > 0 and self._ends[i - 1] == offset:
+                self._ends[i - 1] = end
+            else:
+                self._starts.insert(i, offset)
+                self._ends.insert(i, end)
+            self.buffered_bytes -= nbytes
+            self._cond.notify_all()
+
+    def wake_all(self) -> None:
+        """Wake blocked producers so they re-run their ``check`` (on failure or close)."""
+        with self._cond:
+            self._cond.notify_all()
+
+    # -- views -----------------------------------------------------------------------------
+    def view(self, offset: int, nbytes: int) -> np.ndarray:
+        """A writable uint8 numpy view of a region."""
+        assert self._array is not None, "buffer is closed"
+        return self._array[offset: offset + nbytes]
+
+    def torch_view(self, offset: int, nbytes: int) -> Any:
+        """A uint8 torch view of a region (shares memory; pinned once ``pin_for_cuda`` ran)."""
+        if self._torch_view is None:
+            import torch
+
+            assert self._array is not None, "buffer is closed"
+            self._torch_view = torch.from_numpy(self._array)
+        return self._torch_view[offset: offset + nbytes]
+
+    @property
+    def is_pinned(self) -> bool:
+        return self._pinned_ptr is not None
+
+    def pin_for_cuda(self) -> None:
+        """Page-lock the whole mapping once (``cudaHostRegister``) so GPU copies are async DMA."""
+        if self._pinned_ptr is not None or self._array is None:
+            return
+        import torch
+
+        ptr = int(self._array.ctypes.data)
+        err = torch.cuda.cudart().cudaHostRegister(ptr, self.mapped_bytes, 1)  # 1 = Portable
+        if int(err) != 0:
+            raise RuntimeError(f"cudaHostRegister of the staging buffer failed (error {int(err)})")
+        self._pinned_ptr = ptr
+
+    def close(self) -> None:
+        """Unpin, unmap and close the fd. The caller has waited for every GPU copy."""
+        if self._pinned_ptr is not None:
+            import torch
+
+            torch.cuda.cudart().cudaHostUnregister(self._pinned_ptr)
+            self._pinned_ptr = None
+        self._torch_view = None
+        self._array = None
+        if self._mm is not None:
+            try:
+                self._mm.close()
+            except BufferError:
+                pass  # a view is still alive somewhere; the mapping goes with it
+            self._mm = None
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1

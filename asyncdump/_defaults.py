@@ -1,0 +1,40 @@
+"""Derived defaults, computed in one place and printed by ``asyncdump info``."""
+
+from __future__ import annotations
+
+import os
+
+import psutil
+
+MIB = 1 << 20
+MIN_BUFFER_BYTES = 32 * MIB
+MAX_DEFAULT_BUFFER_BYTES = 512 * MIB
+BUFFER_FRACTION_OF_AVAILABLE = 0.10
+MAX_DEFAULT_WORKERS = 16
+
+
+def usable_cores() -> int:
+    """Cores this process may run on (affinity / cgroup cpusets), not the machine's count."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not Linux
+        return max(1, os.cpu_count() or 1)
+
+
+def default_workers() -> int:
+    """One core stays with the training loop: workers = usable cores - 1, at least 1."""
+    return max(1, min(usable_cores() - 1, MAX_DEFAULT_WORKERS))
+
+
+def available_memory_bytes() -> int:
+    return int(psutil.virtual_memory().available)
+
+
+def default_max_buffer_bytes() -> int:
+    """10% of available memory, within [32 MiB, 512 MiB].
+
+    The buffer is anonymous shared memory (memfd): it is not limited by the size of /dev/shm,
+    and its pages are only touched as far as staging actually reaches.
+    """
+    share = int(available_memory_bytes() * BUFFER_FRACTION_OF_AVAILABLE)
+    return max(MIN_BUFFER_BYTES, min(MAX_DEFAULT_BUFFER_BYTES, share))

@@ -1,0 +1,143 @@
+"""File names: templates, the rank field, and keeping every path inside ``root``."""
+
+from __future__ import annotations
+
+import os
+import string
+import sys
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+BUILTIN_FIELDS = ("index", "step", "batch", "rank")
+
+
+def current_rank() -> int:
+    """torch.distributed rank when a process group is up, else env ``RANK``, else 0."""
+    dist = sys.modules.get("torch.distributed")
+    if dist is not None:
+        try:
+            if dist.is_available() and dist.is_initialized():
+                return int(dist.get_rank())
+        except (RuntimeError, ValueError):
+            pass
+    try:
+        return int(os.environ.get("RANK", "0"))
+    except ValueError:
+        return 0
+
+
+def template_fields(template: str) -> set[str]:
+    """The top-level field names a ``str.format`` template refers to."""
+    fields = set()
+    for _, field, _, _ in string.Formatter().parse(template):
+        if field is not None:
+            fields.add(field.split(".")[0].split("[")[0])
+    return fields
+
+
+class Namer:
+    """Turns (template or explicit names, fields) into absolute paths under ``root``.
+
+    Raises ``ValueError`` for names that escape ``root`` or collide with a path this sink
+    already issued (unless ``overwrite``). Collisions need no memory for templates that contain
+    ``{index}``: the running index makes those paths unique by construction.
+    """
+
+    def __init__(self, root: Path, template: str, extension: str, overwrite: bool = False):
+        if not isinstance(template, str) or not template:
+            raise ValueError(f"name must be a non-empty str.format template, got {template!r}")
+        try:
+            self._fields = template_fields(template)
+        except ValueError as exc:
+            raise ValueError(f"name template {template!r} is not a valid format string: {exc}") from None
+        self.root = root
+        self._root_str = str(root)
+        self._real_root = os.path.realpath(root)
+        self.template = template
+        self.extension = extension
+        self.overwrite = overwrite
+        self._unique_by_index = "index" in self._fields
+        self._issued: set[str] = set()
+        self._checked_dirs: set[str] = set()
+
+    def paths(
+        self,
+        count: int,
+        *,
+        start_index: int,
+        step: int | None,
+        names: Sequence[str] | None,
+        fields: Mapping[str, Any],
+    ) -> list[str]:
+        """Absolute paths (str) for ``count`` images, or ``ValueError``.
+
+        Collision bookkeeping happens only in ``record``, once the batch is accepted.
+        """
+        if names is not None:
+            if isinstance(names, str) or not isinstance(names, Sequence):
+                raise TypeError(f"names must be a list of str (one per image), got {type(names).__name__}")
+            if len(names) != count:
+                raise ValueError(f"names has {len(names)} entries but the batch has {count} images")
+            raw = list(names)
+        else:
+            rank = current_rank() if "rank" in self._fields else 0
+            raw = [self._render(start_index + i, step, i, rank, fields) for i in range(count)]
+        paths = [self._checked_path(name) for name in raw]
+        if not self.overwrite:
+            if len(set(paths)) != len(paths):
+                dup = next(p for p in paths if paths.count(p) > 1)
+                raise ValueError(f"two images of this batch would be written to {dup}; make names "
+                                 "unique (e.g. add {batch} or {index}) or pass overwrite=True")
+            if self._must_track(names):
+                clash = next((p for p in paths if p in self._issued), None)
+                if clash is not None:
+                    raise ValueError(f"{clash} was already submitted to this sink; make names "
+                                     "unique (e.g. add {index}) or pass overwrite=True")
+        return paths
+
+    def record(self, paths: list[str], names: Sequence[str] | None) -> None:
+        """Remember accepted paths so a later batch cannot silently overwrite them."""
+        if not self.overwrite and self._must_track(names):
+            self._issued.update(paths)
+
+    def _must_track(self, names: Sequence[str] | None) -> bool:
+        return names is not None or not self._unique_by_index
+
+    def _render(self, index: int, step: int | None, batch: int, rank: int,
+                fields: Mapping[str, Any]) -> str:
+        if step is None and "step" in self._fields:
+            raise ValueError(f"name template {self.template!r} uses {{step}} but submit got step=None")
+        values = dict(fields)
+        values.update(index=index, step=step, batch=batch, rank=rank)
+        try:
+            return self.template.format(**values)
+        except KeyError as exc:
+            raise ValueError(
+                f"name template {self.template!r} uses field {exc.args[0]!r} that submit did not get; "
+                f"available: {', '.join(BUILTIN_FIELDS)} and keyword fields passed to submit "
+                f"(got {sorted(fields) or 'none'})"
+            ) from None
+        except (ValueError, IndexError, AttributeError, TypeError) as exc:
+            raise ValueError(f"name template {self.template!r} failed to format: {exc}") from None
+
+    def _checked_path(self, name: object) -> str:
+        if not isinstance(name, str) or not name:
+            raise ValueError(f"each name must be a non-empty string, got {name!r}")
+        if "\x00" in name or "\\" in name:
+            raise ValueError(f"name {name!r} contains a NUL or backslash")
+        if name.startswith("/") or os.path.isabs(name):
+            raise ValueError(f"name {name!r} is absolute; names are relative to root {self.root}")
+        parts = name.split("/")
+        if any(part in ("", ".", "..") for part in parts):
+            raise ValueError(f"name {name!r} would resolve outside root or has empty/'.'/'..' "
+                             "components; use plain relative names such as 'epoch3/img_0001'")
+        path = os.path.join(self._root_str, name + self.extension)
+        folder = os.path.dirname(path)
+        if folder not in self._checked_dirs:
+            real = os.path.realpath(folder)
+            if real != self._real_root and not real.startswith(self._real_root + os.sep):
+                raise ValueError(f"name {name!r} resolves outside root {self.root} "
+                                 f"(through a symlink to {real})")
+            self._checked_dirs.add(folder)
+        return path

@@ -1,0 +1,85 @@
+"""Start, watch and stop worker processes.
+
+Workers are plain ``python -m asyncdump._worker`` processes (``subprocess.Popen`` with
+``pass_fds``), not multiprocessing children: spawn/forkserver would re-import the user's
+``__main__`` (torch included, and scripts without a main guard break), and fork is unsafe once
+CUDA is initialised. Each worker gets one socket (jobs in, results out) and the buffer's fd.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from multiprocessing.connection import Connection
+from pathlib import Path
+from typing import Any
+
+import psutil
+
+_PACKAGE_PARENT = str(Path(__file__).resolve().parent.parent)
+
+
+@dataclass(eq=False)
+class WorkerProcess:
+    """One worker: its process, the parent's end of its socket, and the jobs it holds."""
+
+    process: subprocess.Popen[bytes]
+    conn: Connection
+    inflight: dict[int, Any] = field(default_factory=dict)  # job id -> job (collector-owned)
+    inflight_images: int = 0
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    def rss_bytes(self) -> int:
+        try:
+            return int(psutil.Process(self.pid).memory_info().rss)
+        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+            return 0
+
+
+def start_worker(buffer_fd: int, buffer_bytes: int) -> WorkerProcess:
+    """Start one worker with SIGINT blocked until it has set SIGINT to ignored.
+
+    Call from a long-lived thread: PR_SET_PDEATHSIG fires when the starting *thread* exits.
+    """
+    parent_end, child_end = socket.socketpair()
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (_PACKAGE_PARENT, env.get("PYTHONPATH")) if p)
+    env.setdefault("OMP_NUM_THREADS", "1")
+    old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    try:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "asyncdump._worker", str(child_end.fileno()),
+             str(buffer_fd), str(buffer_bytes), str(os.getpid())],
+            pass_fds=(child_end.fileno(), buffer_fd),
+            stdin=subprocess.DEVNULL,
+            env=env,
+        )
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
+        child_end.close()  # only the worker holds it now: its death is EOF on parent_end
+    conn = Connection(parent_end.detach())
+    return WorkerProcess(process, conn)
+
+
+def stop_worker(worker: WorkerProcess, timeout: float) -> None:
+    """Ask politely, then SIGTERM (temp files are removed), then SIGKILL; always reap."""
+    with contextlib.suppress(OSError):
+        worker.conn.send(("stop",))
+    for sig in (None, signal.SIGTERM, signal.SIGKILL):
+        if sig is not None:
+            with contextlib.suppress(ProcessLookupError):
+                worker.process.send_signal(sig)
+        try:
+            worker.process.wait(timeout=timeout if sig is None else 2.0)
+            break
+        except subprocess.TimeoutExpired:
+            continue
+    worker.conn.close()

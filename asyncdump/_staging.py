@@ -1,0 +1,204 @@
+"""Validate what ``submit`` got and copy it into the staging buffer.
+
+The only module on the hot path that touches torch, and it never imports it: a tensor can only
+reach ``submit`` if the caller already imported torch, so ``sys.modules`` has it.
+
+    numpy array / CPU tensor   one copy of the raw values into the buffer (numpy's single-
+                               threaded copy: torch's threaded ``copy_`` wakes its pool on every
+                               call and steals the workers' cores); the worker converts.
+    CUDA tensor                converted on the GPU to uint8 (or uint16) HWC in BGR order, then
+                               ``copy_(non_blocking=True)`` into the page-locked buffer and an
+                               event recorded on the current stream: no host synchronisation.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from ._codecs import Codec
+
+NUMPY_DTYPES = {"float16", "float32", "float64", "uint8", "uint16", "bool"}
+TORCH_DTYPES = {
+    "torch.float16": "float16", "torch.bfloat16": "bfloat16", "torch.float32": "float32",
+    "torch.float64": "float64", "torch.uint8": "uint8", "torch.uint16": "uint16",
+    "torch.bool": "bool",
+}
+FLOAT_DTYPES = {"float16", "bfloat16", "float32", "float64"}
+ACCEPTED = "float16, bfloat16 (torch), float32, float64, uint8, uint16, bool"
+_ITEMSIZE = {"float16": 2, "bfloat16": 2, "float32": 4, "float64": 8,
+             "uint8": 1, "uint16": 2, "bool": 1}
+
+
+@dataclass(frozen=True)
+class Conversion:
+    """The float -> 8-bit rule's parameters (API.md)."""
+
+    value_range: tuple[float, float]
+    mean: tuple[float, ...] | None
+    std: tuple[float, ...] | None
+
+    def for_channels(self, channels: int) -> dict[str, Any]:
+        """The parameters a worker needs, with mean/std broadcast to ``channels``."""
+        def fit(values: tuple[float, ...] | None, what: str) -> list[float] | None:
+            if values is None:
+                return None
+            if len(values) == 1:
+                return list(values) * channels
+            if len(values) != channels:
+                raise ValueError(f"{what} has {len(values)} values but the images have "
+                                 f"{channels} channel(s); give one value or one per channel")
+            return list(values)
+        return {"value_range": self.value_range, "mean": fit(self.mean, "mean"),
+                "std": fit(self.std, "std")}
+
+
+@dataclass(frozen=True)
+class Batch:
+    """A validated batch: what is copied into the buffer, in which layout and dtype."""
+
+    source: Any  # numpy array (B, C, H, W) or (B, H, W, C) per ``layout``, or a CUDA tensor
+    on_cuda: bool
+    count: int
+    channels: int
+    height: int
+    width: int
+    dtype: str  # what the buffer holds: the input dtype, or uint8/uint16 for the GPU path
+    layout: str  # "nchw" | "nhwc"
+    image_bytes: int
+
+    @property
+    def spec(self) -> dict[str, Any]:
+        """The per-image description a worker needs (conversion added by the sink)."""
+        return {"chw": (self.channels, self.height, self.width), "dtype": self.dtype,
+                "layout": self.layout, "converted": self.on_cuda}
+
+
+def _torch_module() -> Any:
+    return sys.modules.get("torch")
+
+
+def _shape_error(shape: Sequence[int]) -> ValueError:
+    return ValueError(f"images must have shape (B, C, H, W), (C, H, W) or (H, W) with C in "
+                      f"{{1, 3, 4}} and H, W >= 1; got shape {tuple(shape)}")
+
+
+def inspect(images: Any, codec: Codec) -> Batch:
+    """Check type, shape, dtype and format support; raise TypeError/ValueError naming the fix."""
+    torch = _torch_module()
+    is_tensor = torch is not None and isinstance(images, torch.Tensor)
+    if not is_tensor and not isinstance(images, np.ndarray):
+        raise TypeError(f"images must be a torch.Tensor or numpy.ndarray, got {type(images).__name__}")
+    shape = tuple(images.shape)
+    if len(shape) == 2:
+        shape4 = (1, 1, *shape)
+    elif len(shape) == 3:
+        shape4 = (1, *shape)
+    elif len(shape) == 4:
+        shape4 = shape
+    else:
+        raise _shape_error(shape)
+    count, channels, height, width = shape4
+    if channels not in (1, 3, 4) or height < 1 or width < 1:
+        hint = ""
+        if len(shape) in (3, 4) and shape[-1] in (1, 3, 4) and channels not in (1, 3, 4):
+            hint = " (channels-last arrays: pass arr.transpose(2, 0, 1), or (0, 3, 1, 2) for a batch)"
+        raise ValueError(str(_shape_error(shape)) + hint)
+
+    if is_tensor:
+        dtype = TORCH_DTYPES.get(str(images.dtype))
+    else:
+        dtype = images.dtype.name if images.dtype.name in NUMPY_DTYPES else None
+    if dtype is None:
+        raise TypeError(f"unsupported dtype {images.dtype}; accepted: {ACCEPTED}")
+    out_depth = "uint16" if dtype == "uint16" else "uint8"
+    fmt = codec.extension[1:]
+    if out_depth not in codec.dtypes:
+        raise ValueError(f"format {fmt!r} cannot store 16-bit images; use png or tiff, "
+                         "or convert to uint8 / float first")
+    if channels not in codec.channels:
+        raise ValueError(f"format {fmt!r} cannot store {channels}-channel images "
+                         f"({codec.note or 'unsupported'}); use png, webp or tiff for RGBA")
+
+    on_cuda = bool(is_tensor and images.is_cuda)
+    if is_tensor and not on_cuda and images.device.type != "cpu":
+        raise ValueError(f"tensors on {images.device.type!r} are not supported; "
+                         "pass a CPU or CUDA tensor (or call .cpu())")
+    if on_cuda:
+        source = images.detach().reshape(shape4)
+        stored = out_depth
+        layout = "nhwc"
+    else:
+        if is_tensor:
+            tensor = images.detach()
+            if dtype == "bfloat16":  # numpy has no bfloat16: carry the raw bits
+                tensor = tensor.view(torch.int16)
+            array = tensor.numpy()
+        else:
+            array = images
+        array = array.reshape(shape4) if array.ndim != 4 else array
+        stored = dtype
+        channels_last = array.transpose(0, 2, 3, 1)
+        if not array.flags.c_contiguous and channels_last.flags.c_contiguous:
+            source, layout = channels_last, "nhwc"
+        else:
+            source, layout = array, "nchw"
+    image_bytes = channels * height * width * _ITEMSIZE[stored]
+    return Batch(source, on_cuda, count, channels, height, width, stored, layout, image_bytes)
+
+
+def copy_to_host(batch: Batch, start: int, stop: int, destination: np.ndarray) -> None:
+    """Copy images ``start:stop`` of a host batch into a uint8 view of the buffer (one memcpy
+    when the source is contiguous)."""
+    part = batch.source[start:stop]
+    storage = "uint16" if batch.dtype == "bfloat16" else batch.dtype
+    np.copyto(destination.view(storage).reshape(part.shape), part, casting="no")
+
+
+class DeviceStager:
+    """Converts CUDA batches on their device and copies them into the pinned buffer.
+
+    Caches mean/std as device tensors per device (creating them synchronises once).
+    """
+
+    def __init__(self, conversion: Conversion):
+        self.conversion = conversion
+        self._affine: dict[tuple[str, int], tuple[Any, Any]] = {}
+
+    def to_uint8_bgr_hwc(self, batch: Batch, start: int, stop: int) -> Any:
+        """Images ``start:stop`` as a contiguous uint8 (or uint16) NHWC BGR(A) tensor."""
+        torch = _torch_module()
+        x = batch.source[start:stop]
+        if x.dtype.is_floating_point:
+            x = x.float()
+            if self.conversion.std is not None:
+                std, mean = self._device_affine(x.device, batch.channels)
+                x = x * std + mean
+            lo, hi = self.conversion.value_range
+            if (lo, hi) != (0.0, 1.0):
+                x = x.clamp(lo, hi).sub_(lo).div_(max(hi - lo, 1e-5))
+            x = x.mul(255.0).add_(0.5).clamp_(0.0, 255.0)
+            x = torch.nan_to_num_(x, nan=0.0).to(torch.uint8)
+        elif x.dtype == torch.bool:
+            x = x.to(torch.uint8).mul_(255)
+        if batch.channels == 3:
+            x = x.flip(1)
+        elif batch.channels == 4:
+            x = torch.cat((x[:, :3].flip(1), x[:, 3:]), dim=1)
+        return x.permute(0, 2, 3, 1).contiguous()
+
+    def _device_affine(self, device: Any, channels: int) -> tuple[Any, Any]:
+        key = (str(device), channels)
+        if key not in self._affine:
+            torch = _torch_module()
+            params = self.conversion.for_channels(channels)
+            shape = (1, channels, 1, 1)
+            self._affine[key] = (
+                torch.tensor(params["std"], dtype=torch.float32, device=device).view(shape),
+                torch.tensor(params["mean"], dtype=torch.float32, device=device).view(shape),
+            )
+        return self._affine[key]

@@ -1,0 +1,70 @@
+"""on_full under a flood into a tiny buffer: block, drop and raise, and the byte bound."""
+
+from __future__ import annotations
+
+import concurrent.futures
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from asyncdump import AsyncImageSink, BufferFullError
+
+BATCH = np.random.default_rng(0).integers(0, 256, (4, 3, 64, 64), dtype=np.uint8)  # 48 KiB
+BUFFER = 2 * BATCH.nbytes + 1000
+
+
+def test_block_waits_and_loses_nothing(root: Path) -> None:
+    with AsyncImageSink(root, workers=1, max_buffer_bytes=BUFFER, on_full="block") as sink:
+        futures = [sink.submit(BATCH) for _ in range(40)]
+        concurrent.futures.wait(futures, timeout=60)
+        stats = sink.stats
+    assert all(len(f.result()) == 4 for f in futures)
+    assert stats.peak_buffered_bytes <= BUFFER
+    assert stats.blocked_seconds > 0
+    assert stats.blocked_seconds <= stats.submit_seconds
+    assert len(list(root.iterdir())) == 160
+
+
+def test_drop_cancels_and_counts(root: Path) -> None:
+    with AsyncImageSink(root, workers=1, max_buffer_bytes=BUFFER, on_full="drop") as sink:
+        futures = [sink.submit(BATCH) for _ in range(40)]
+        sink.flush(timeout=60)
+    stats = sink.stats
+    dropped = [f for f in futures if f.cancelled()]
+    assert dropped, "a flood into a 2-batch buffer must drop something"
+    assert stats.dropped == 4 * len(dropped)
+    assert stats.written == 4 * (40 - len(dropped))
+    assert stats.written + stats.failed + stats.dropped == stats.submitted == 160
+    assert stats.peak_buffered_bytes <= BUFFER
+    assert len(list(root.iterdir())) == stats.written
+
+
+def test_raise_refuses_and_counts_nowhere(root: Path) -> None:
+    with AsyncImageSink(root, workers=1, max_buffer_bytes=BUFFER, on_full="raise") as sink:
+        accepted, refused = [], 0
+        for _ in range(40):
+            try:
+                accepted.append(sink.submit(BATCH))
+            except BufferFullError as exc:
+                assert "on_full='raise'" in str(exc)
+                refused += 1
+        sink.flush(timeout=60)
+        stats = sink.stats
+        # still usable after refusals
+        assert len(sink.submit(BATCH).result(timeout=30)) == 4
+    assert refused > 0
+    assert stats.submitted == 4 * len(accepted) == stats.written
+    assert stats.dropped == 0
+
+
+def test_blocked_producer_wakes_when_sink_breaks(root: Path) -> None:
+    sink = AsyncImageSink(root, workers=1, max_buffer_bytes=BATCH.nbytes, on_full="block")
+    try:
+        sink.submit(BATCH)
+        sink._break(RuntimeError("injected"))  # what the collector does on a fatal fault
+        with pytest.raises(Exception, match=r"broken|injected"):
+            for _ in range(20):
+                sink.submit(BATCH)
+    finally:
+        sink._shutdown(abort=RuntimeError("test over"))

@@ -1,0 +1,78 @@
+"""The shared buffer's byte accounting (first fit, partial release, coalescing)."""
+
+import threading
+import time
+
+import numpy as np
+import pytest
+
+from asyncdump._buffer import ALIGNMENT, SharedBuffer
+
+
+def test_reserve_release_coalesce() -> None:
+    buf = SharedBuffer(1000)
+    a, _ = buf.reserve(300, block=False)
+    b, _ = buf.reserve(300, block=False)
+    assert a == 0 and b is not None and b % ALIGNMENT == 0 and b >= 300
+    assert buf.buffered_bytes == 600
+    c, _ = buf.reserve(500, block=False)
+    assert c is None  # not enough contiguous space
+    buf.release(a, 100)  # part of a reservation can go back alone
+    buf.release(a + 100, 200)
+    buf.release(b, 300)
+    assert buf.buffered_bytes == 0
+    d, _ = buf.reserve(1000, block=False)  # all free extents merged back into one
+    assert d == 0
+    assert buf.peak_buffered_bytes == 1000
+    buf.close()
+
+
+def test_double_release_is_detected() -> None:
+    buf = SharedBuffer(256)
+    a, _ = buf.reserve(64, block=False)
+    assert a is not None
+    buf.release(a, 64)
+    with pytest.raises(RuntimeError, match="double release"):
+        buf.release(a, 64)
+    buf.close()
+
+
+def test_blocking_reserve_wakes_on_release() -> None:
+    buf = SharedBuffer(128)
+    a, _ = buf.reserve(128, block=False)
+    assert a is not None
+    threading.Timer(0.2, buf.release, args=(a, 128)).start()
+    offset, waited = buf.reserve(100, block=True)
+    assert offset == 0 and waited >= 0.1
+    buf.close()
+
+
+def test_too_large_is_value_error() -> None:
+    buf = SharedBuffer(100)
+    with pytest.raises(ValueError):
+        buf.reserve(101, block=True)
+    buf.close()
+
+
+def test_views_share_memory() -> None:
+    buf = SharedBuffer(4096)
+    view = buf.view(64, 16)
+    view[:] = np.arange(16, dtype=np.uint8)
+    assert bytes(buf.view(64, 16)) == bytes(range(16))
+    del view
+    buf.close()
+    assert buf.fd == -1
+
+
+def test_blocking_reserve_can_be_abandoned() -> None:
+    buf = SharedBuffer(64)
+    buf.reserve(64, block=False)
+    stop_at = time.monotonic() + 0.3
+
+    def check() -> None:
+        if time.monotonic() > stop_at:
+            raise RuntimeError("closing")
+
+    with pytest.raises(RuntimeError, match="closing"):
+        buf.reserve(64, block=True, check=check)
+    buf.close()

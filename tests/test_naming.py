@@ -1,0 +1,61 @@
+"""Templates, fields, sub-folders, explicit names, and paths that must stay inside root."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from asyncdump import AsyncImageSink
+
+IMG = np.zeros((2, 1, 4, 4), np.uint8)
+
+
+def test_template_fields_and_subfolders(root: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("RANK", "3")
+    template = "r{rank}/step{step:04d}/{tag}_{batch}_{index}"
+    with AsyncImageSink(root, name=template) as sink:
+        first = sink.submit(IMG, step=7, tag="fake").result(timeout=30)
+        second = sink.submit(IMG, step=8, tag="real").result(timeout=30)
+    rel = [str(p.relative_to(root)) for p in first + second]
+    assert rel == ["r3/step0007/fake_0_0.png", "r3/step0007/fake_1_1.png",
+                   "r3/step0008/real_0_2.png", "r3/step0008/real_1_3.png"]
+    assert all(p.exists() for p in first + second)
+
+
+def test_explicit_names(root: Path) -> None:
+    with AsyncImageSink(root, format="jpg") as sink:
+        paths = sink.submit(IMG, names=["a/cat", "dog"]).result(timeout=30)
+    assert paths == [root / "a" / "cat.jpg", root / "dog.jpg"]
+    assert all(p.exists() for p in paths)
+
+
+def test_step_none_with_step_template_is_an_error(root: Path) -> None:
+    with AsyncImageSink(root, name="{step}_{batch}") as sink, \
+            pytest.raises(ValueError, match="step=None"):
+        sink.submit(IMG)
+
+
+def test_symlinked_subfolder_pointing_outside_is_rejected(root: Path, tmp_path: Path) -> None:
+    outside = tmp_path / "elsewhere"
+    outside.mkdir()
+    root.mkdir()
+    os.symlink(outside, root / "link")
+    with AsyncImageSink(root) as sink:
+        with pytest.raises(ValueError, match="outside root"):
+            sink.submit(IMG, names=["link/a", "b"])
+        assert sink.stats.submitted == 0
+    assert not list(outside.iterdir())
+
+
+def test_same_path_twice_is_rejected_unless_overwrite(root: Path) -> None:
+    with AsyncImageSink(root, name="latest_{batch}") as sink:
+        sink.submit(IMG).result(timeout=30)
+        with pytest.raises(ValueError, match="already submitted"):
+            sink.submit(IMG)
+    with AsyncImageSink(root, name="latest_{batch}", overwrite=True) as sink:
+        sink.submit(IMG).result(timeout=30)
+        sink.submit(np.full((2, 1, 4, 4), 9, np.uint8)).result(timeout=30)
+    assert sorted(p.name for p in root.iterdir()) == ["latest_0.png", "latest_1.png"]
