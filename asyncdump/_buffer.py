@@ -88,31 +88,34 @@ class SharedBuffer:
             return offset
         return None
 
-    def reserve(
-        self,
-        nbytes: int,
-        *,
-        block: bool,
-        check: Callable[[], None] | None = None,
-    ) -> tuple[int | None, float]:
-        """Reserve ``nbytes``; returns ``(offset or None, seconds spent waiting)``.
+    def try_reserve(self, nbytes: int) -> int | None:
+        """Reserve ``nbytes`` now, or return None when no extent is large enough."""
+        if nbytes > self.capacity_bytes:
+            raise ValueError(f"{nbytes} bytes can never fit a {self.capacity_bytes}-byte buffer")
+        with self._cond:
+            return self._take(nbytes)
 
-        With ``block``, waits until space frees up; ``check`` runs on every wake-up and may
-        raise to abandon the wait (the sink broke or is closing).
+    def wait_for_space(self, nbytes: int, check: Callable[[], None] | None = None) -> float:
+        """Block until ``nbytes`` would fit; returns the seconds waited. Reserves nothing.
+
+        ``check`` runs on every wake-up and may raise to abandon the wait (the sink broke or
+        is closing). Interruptible by Ctrl-C: it changes no state.
         """
         if nbytes > self.capacity_bytes:
             raise ValueError(f"{nbytes} bytes can never fit a {self.capacity_bytes}-byte buffer")
         with self._cond:
-            offset = self._take(nbytes)
-            if offset is not None or not block:
-                return offset, 0.0
+            if self._fits(nbytes):
+                return 0.0
             began = time.perf_counter()
-            while offset is None:
+            while not self._fits(nbytes):
                 if check is not None:
                     check()
                 self._cond.wait(timeout=0.5)
-                offset = self._take(nbytes)
-            return offset, time.perf_counter() - began
+            return time.perf_counter() - began
+
+    def _fits(self, nbytes: int) -> bool:
+        return any(_round_up(start, ALIGNMENT) + nbytes <= end
+                   for start, end in zip(self._starts, self._ends))
 
     def release(self, offset: int, nbytes: int) -> None:
         """Give ``[offset, offset + nbytes)`` back; neighbours coalesce."""

@@ -32,6 +32,8 @@ class WorkerProcess:
     conn: Connection
     inflight: dict[int, Any] = field(default_factory=dict)  # job id -> job (collector-owned)
     inflight_images: int = 0
+    ready: bool = False  # it imported cv2, mapped the buffer and said so
+    replaces_death_at: float | None = None  # perf_counter when the worker it replaces died
 
     @property
     def pid(self) -> int:

@@ -46,12 +46,14 @@ from ._buffer import SharedBuffer
 from ._codecs import encode_params, get_codec
 from ._errors import AsyncDumpError, BufferFullError, RemoteTraceback, describe_failures
 from ._naming import Namer
+from ._signals import deferred_sigint
 from ._pool import WorkerProcess, start_worker, stop_worker
 from ._staging import Batch, Conversion, DeviceStager, copy_to_host, inspect
 from ._stats import Counters, SinkStats
 
 PENDING, ENCODED, DONE = 0, 1, 2
 MAX_JOB_ATTEMPTS = 3  # a job whose worker dies this often fails instead of looping
+MAX_START_FAILURES = 3  # workers dying before "ready" this often in a row break the sink
 JOBS_PER_WORKER = 2  # one being written, one waiting in the pipe
 ON_FULL = ("block", "drop", "raise")
 ON_ERROR = ("raise", "warn", "ignore")
@@ -163,6 +165,8 @@ class AsyncImageSink:
         self._ready: deque[_Job] = deque()  # producer/event thread -> collector
         self._pending: deque[_Job] = deque()  # collector only
         self._workers: list[WorkerProcess] = []  # collector only (read for stats)
+        self._start_failures = 0  # consecutive workers that died before saying "ready"
+        self._restart_seconds: list[float] = []  # death noticed -> replacement "ready"
         self._device_stager = DeviceStager(self._conversion)
         self._events: queue.Queue[tuple[list[_Job], Any] | None] | None = None
         self._probe_requests: deque[concurrent.futures.Future[dict[int, list[str]]]] = deque()
@@ -249,24 +253,29 @@ class AsyncImageSink:
                 nbytes = count * batch.image_bytes
                 # Only the first part may be dropped/refused; later parts of an over-sized
                 # batch wait for space, since the batch is already promised.
-                offset, waited = self._buffer.reserve(
-                    nbytes, block=self.on_full == "block" or staged > 0, check=self._check_usable)
-                self._counters.blocked_seconds += waited
-                if offset is None:
-                    return self._refuse(batch.count)
-                try:
-                    jobs, event = self._stage(batch, record, static, staged, count, offset)
-                except BaseException:
-                    self._buffer.release(offset, nbytes)
-                    raise
-                if staged == 0:
-                    self._accept(record, names, encode_only)
-                staged += count
-                if event is None:
-                    self._hand_over(jobs)
-                else:
-                    assert self._events is not None
-                    self._events.put((jobs, event))
+                blocking = self.on_full == "block" or staged > 0
+                if blocking:  # interruptible, changes nothing
+                    self._counters.blocked_seconds += self._buffer.wait_for_space(
+                        nbytes, check=self._check_usable)
+                with deferred_sigint():  # reserve..hand-over is all or nothing
+                    offset = self._buffer.try_reserve(nbytes)
+                    if offset is None:
+                        if blocking:
+                            continue  # another thread took the space first
+                        return self._refuse(batch.count)
+                    try:
+                        jobs, event = self._stage(batch, record, static, staged, count, offset)
+                    except BaseException:
+                        self._buffer.release(offset, nbytes)
+                        raise
+                    if staged == 0:
+                        self._accept(record, names, encode_only)
+                    if event is None:
+                        self._hand_over(jobs)
+                    else:
+                        assert self._events is not None
+                        self._events.put((jobs, event))
+                    staged += count
         except BaseException as exc:
             if staged:  # part of the batch is promised already: account for the rest
                 self._fail_unstaged(record, staged, exc)
@@ -573,6 +582,12 @@ class AsyncImageSink:
 
     def _handle(self, worker: WorkerProcess, message: tuple[Any, ...]) -> None:
         kind, job_id, index = message[0], message[1], message[2]
+        if kind == "ready":
+            worker.ready = True
+            self._start_failures = 0
+            if worker.replaces_death_at is not None:
+                self._restart_seconds.append(time.perf_counter() - worker.replaces_death_at)
+            return
         if kind == "probe":
             request, answers, expected = self._probes[job_id]
             answers[index] = message[3]
@@ -655,23 +670,40 @@ class AsyncImageSink:
 
     def _on_worker_death(self, worker: WorkerProcess) -> None:
         """Finish what the dead worker had encoded, re-queue the rest, start a replacement."""
+        noticed = time.perf_counter()
         worker.conn.close()
         exit_code = worker.process.wait()
         self._workers.remove(worker)
-        for job in worker.inflight.values():
-            self._recover(job, exit_code)
+        if not worker.ready:  # died while starting: its jobs never began
+            self._start_failures += 1
+            self._pending.extendleft(reversed(list(worker.inflight.values())))
+            if self._start_failures >= MAX_START_FAILURES:
+                raise AsyncDumpError(f"{self._start_failures} workers in a row died while starting "
+                                     f"(last exit code {exit_code}); see their stderr")
+        else:  # a worker runs its jobs in order: only the first had started
+            for position, job in enumerate(worker.inflight.values()):
+                self._recover(job, exit_code, in_progress=position == 0)
         if self._stop.is_set() and self._abort_reason is not None:
             return
         try:
-            self._workers.append(start_worker(self._buffer.fd, self._buffer.mapped_bytes))
-            self._counters.worker_restarts += 1
+            replacement = start_worker(self._buffer.fd, self._buffer.mapped_bytes)
         except Exception as exc:
             if not self._workers:
                 raise AsyncDumpError(f"a worker died (exit code {exit_code}) and no new one "
                                      f"could be started: {exc}") from exc
+            return
+        replacement.replaces_death_at = noticed
+        self._workers.append(replacement)
+        self._counters.worker_restarts += 1
 
-    def _recover(self, job: _Job, exit_code: int) -> None:
+    def _recover(self, job: _Job, exit_code: int, in_progress: bool) -> None:
+        """Settle a dead worker's job: finish encoded images, re-queue the others.
+
+        Only the image the worker was on when it died is charged an attempt, so images
+        queued behind a poison image are never failed for it.
+        """
         again = []
+        charged = not in_progress
         for item in job.items:
             index, final, temp, _ = item
             state = job.states[index]
@@ -686,12 +718,14 @@ class AsyncImageSink:
                     self._finish_image(job, index, error=exc)
                 continue
             _unlink_quietly(temp)
-            if job.attempts + 1 >= MAX_JOB_ATTEMPTS:
+            attempts = job.attempts if charged else job.attempts + 1
+            charged = True
+            if attempts >= MAX_JOB_ATTEMPTS:
                 self._finish_image(job, index, error=AsyncDumpError(
-                    f"a worker died {job.attempts + 1} times (last exit code {exit_code}) "
+                    f"a worker died {attempts} times (last exit code {exit_code}) "
                     "while writing this image; giving up on it"))
-            else:  # one job per image: a poison image then fails alone
-                again.append(_Job(job.batch, [item], job.static, attempts=job.attempts + 1))
+            else:  # one job per image from now on: a poison image then fails alone
+                again.append(_Job(job.batch, [item], job.static, attempts=attempts))
         self._pending.extendleft(reversed(again))
 
     def _break(self, reason: BaseException) -> None:

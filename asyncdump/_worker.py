@@ -3,7 +3,7 @@
 Started by the pool as ``python -m asyncdump._worker SOCKET_FD BUFFER_FD BUFFER_BYTES``.
 Imports numpy and cv2 only, never torch (a test checks ``sys.modules``).
 
-Per image, the messages home are:
+Once started: ("ready", pid, 0). Per image, the messages home are:
     ("encoded", job, i)                  the complete temp file is on disk: pixels may be reused
     ("written", job, i, nbytes)          renamed to its final name (and fsynced if asked)
     ("failed", job, i, errno, message, traceback)
@@ -187,6 +187,7 @@ def main(argv: list[str]) -> int:
     mapping = mmap.mmap(buffer_fd, buffer_bytes, prot=mmap.PROT_READ)
     buffer = np.frombuffer(mapping, dtype=np.uint8)
     conn = Connection(sock_fd)
+    _report(conn, ("ready", os.getpid(), 0))
     while True:
         if _parent_gone and not conn.poll(0):
             return 0

@@ -11,17 +11,17 @@ from asyncdump._buffer import ALIGNMENT, SharedBuffer
 
 def test_reserve_release_coalesce() -> None:
     buf = SharedBuffer(1000)
-    a, _ = buf.reserve(300, block=False)
-    b, _ = buf.reserve(300, block=False)
+    a = buf.try_reserve(300)
+    b = buf.try_reserve(300)
     assert a == 0 and b is not None and b % ALIGNMENT == 0 and b >= 300
     assert buf.buffered_bytes == 600
-    c, _ = buf.reserve(500, block=False)
+    c = buf.try_reserve(500)
     assert c is None  # not enough contiguous space
     buf.release(a, 100)  # part of a reservation can go back alone
     buf.release(a + 100, 200)
     buf.release(b, 300)
     assert buf.buffered_bytes == 0
-    d, _ = buf.reserve(1000, block=False)  # all free extents merged back into one
+    d = buf.try_reserve(1000)  # all free extents merged back into one
     assert d == 0
     assert buf.peak_buffered_bytes == 1000
     buf.close()
@@ -29,7 +29,7 @@ def test_reserve_release_coalesce() -> None:
 
 def test_double_release_is_detected() -> None:
     buf = SharedBuffer(256)
-    a, _ = buf.reserve(64, block=False)
+    a = buf.try_reserve(64)
     assert a is not None
     buf.release(a, 64)
     with pytest.raises(RuntimeError, match="double release"):
@@ -39,18 +39,20 @@ def test_double_release_is_detected() -> None:
 
 def test_blocking_reserve_wakes_on_release() -> None:
     buf = SharedBuffer(128)
-    a, _ = buf.reserve(128, block=False)
+    a = buf.try_reserve(128)
     assert a is not None
     threading.Timer(0.2, buf.release, args=(a, 128)).start()
-    offset, waited = buf.reserve(100, block=True)
-    assert offset == 0 and waited >= 0.1
+    waited = buf.wait_for_space(100)
+    assert waited >= 0.1 and buf.try_reserve(100) == 0
     buf.close()
 
 
 def test_too_large_is_value_error() -> None:
     buf = SharedBuffer(100)
     with pytest.raises(ValueError):
-        buf.reserve(101, block=True)
+        buf.wait_for_space(101)
+    with pytest.raises(ValueError):
+        buf.try_reserve(101)
     buf.close()
 
 
@@ -66,7 +68,7 @@ def test_views_share_memory() -> None:
 
 def test_blocking_reserve_can_be_abandoned() -> None:
     buf = SharedBuffer(64)
-    buf.reserve(64, block=False)
+    buf.try_reserve(64)
     stop_at = time.monotonic() + 0.3
 
     def check() -> None:
@@ -74,5 +76,5 @@ def test_blocking_reserve_can_be_abandoned() -> None:
             raise RuntimeError("closing")
 
     with pytest.raises(RuntimeError, match="closing"):
-        buf.reserve(64, block=True, check=check)
+        buf.wait_for_space(64, check=check)
     buf.close()
