@@ -71,7 +71,7 @@ class SharedBuffer:
 
     # -- space -----------------------------------------------------------------------------
     def _take(self, nbytes: int) -> int | None:
-        for i, (start, end) in enumerate(zip(self._starts, self._ends, strict=False)):
+        for i, (start, end) in enumerate(zip(self._starts, self._ends, strict=True)):
             offset = _round_up(start, ALIGNMENT)
             if offset + nbytes > end:
                 continue
@@ -115,7 +115,7 @@ class SharedBuffer:
 
     def _fits(self, nbytes: int) -> bool:
         return any(_round_up(start, ALIGNMENT) + nbytes <= end
-                   for start, end in zip(self._starts, self._ends))
+                   for start, end in zip(self._starts, self._ends, strict=True))
 
     def release(self, offset: int, nbytes: int) -> None:
         """Give ``[offset, offset + nbytes)`` back; neighbours coalesce."""

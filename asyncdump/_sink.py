@@ -46,8 +46,8 @@ from ._buffer import SharedBuffer
 from ._codecs import encode_params, get_codec
 from ._errors import AsyncDumpError, BufferFullError, RemoteTraceback, describe_failures
 from ._naming import Namer
-from ._signals import deferred_sigint
 from ._pool import WorkerProcess, start_worker, stop_worker
+from ._signals import deferred_sigint
 from ._staging import Batch, Conversion, DeviceStager, copy_to_host, inspect
 from ._stats import Counters, SinkStats
 
