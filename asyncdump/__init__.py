@@ -10,6 +10,7 @@
 from ._errors import AsyncDumpError, BufferFullError
 from ._sink import AsyncImageSink
 from ._stats import SinkStats
+from .grid import flush, save_image
 
 __version__ = "0.1.0"
 
@@ -19,4 +20,6 @@ __all__ = [
     "BufferFullError",
     "SinkStats",
     "__version__",
+    "flush",
+    "save_image",
 ]

@@ -135,9 +135,10 @@ def inspect(images: Any, codec: Codec) -> Batch:
     else:
         if is_tensor:
             tensor = images.detach()
-            if dtype == "bfloat16":  # numpy has no bfloat16: carry the raw bits
-                tensor = tensor.view(torch.int16)
-            array = tensor.numpy()
+            if dtype == "bfloat16":  # numpy has no bfloat16: carry the raw bits as uint16
+                array = tensor.view(torch.int16).numpy().view(np.uint16)
+            else:
+                array = tensor.numpy()
         else:
             array = images
         array = array.reshape(shape4) if array.ndim != 4 else array
@@ -156,7 +157,8 @@ def copy_to_host(batch: Batch, start: int, stop: int, destination: np.ndarray) -
     when the source is contiguous)."""
     part = batch.source[start:stop]
     storage = "uint16" if batch.dtype == "bfloat16" else batch.dtype
-    np.copyto(destination.view(storage).reshape(part.shape), part, casting="no")
+    # "equiv": a byte-swapped (big-endian) array is converted, never reinterpreted
+    np.copyto(destination.view(storage).reshape(part.shape), part, casting="equiv")
 
 
 class DeviceStager:

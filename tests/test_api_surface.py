@@ -9,7 +9,7 @@ from asyncdump import AsyncDumpError, BufferFullError
 def test_all_is_pinned_and_sorted() -> None:
     assert asyncdump.__all__ == sorted(asyncdump.__all__)
     assert set(asyncdump.__all__) >= {"AsyncImageSink", "SinkStats", "AsyncDumpError",
-                                      "BufferFullError", "__version__"}
+                                      "BufferFullError", "__version__", "flush", "save_image"}
     for name in asyncdump.__all__:
         assert hasattr(asyncdump, name), name
 
@@ -31,3 +31,12 @@ def test_import_does_not_import_torch_or_cv2() -> None:
     code = "import sys, asyncdump; print('torch' in sys.modules, 'cv2' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.split() == ["False", "False"]
+
+
+def test_save_image_has_torchvisions_signature_plus_format() -> None:
+    import inspect
+
+    params = inspect.signature(asyncdump.save_image).parameters
+    assert list(params) == ["tensor", "fp", "nrow", "padding", "normalize", "value_range",
+                            "scale_each", "pad_value", "format"]
+    assert [params[p].default for p in list(params)[2:]] == [8, 2, False, None, False, 0.0, None]
