@@ -1,0 +1,255 @@
+"""Dataset layout on disk: names, ``dataset.json``, the JSON Lines manifest, resume state.
+
+    DIR/dataset.json              the job's parameters; a resume with other parameters is refused
+    DIR/manifest.jsonl            one JSON object per durable image (sorted by index when a run ends)
+    DIR/manifest.rank<r>.jsonl    under K > 1 ranks: rank r's lines until rank 0 merges them
+    files mode: DIR/<shard>/<index>.<ext>         shard = index // shard_size
+    tar mode:   DIR/shard-<shard>.tar (+ DIR/shard-<shard>-<part>.tar when shard_bytes splits it)
+
+Only rank 0 (or the single process) calls the functions that change files here; every rank
+may read.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ._errors import AsyncDumpError
+
+DATASET_FILE = "dataset.json"
+MANIFEST_FILE = "manifest.jsonl"
+LAYOUT_VERSION = 1
+_RANK_MANIFEST = re.compile(r"^manifest\.rank(\d+)\.jsonl$")
+_TEMP_NAME = re.compile(r"^\..*\.tmp$")
+
+
+class DatasetError(AsyncDumpError):
+    """A dataset directory that cannot be used as asked (existing, foreign or corrupt manifest)."""
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Names of every file of a dataset with ``count`` images, from the job parameters."""
+
+    count: int
+    shard_size: int
+    extension: str
+    mode: str
+
+    @property
+    def index_width(self) -> int:
+        return max(9, len(str(self.count - 1)))
+
+    @property
+    def shard_width(self) -> int:
+        return max(6, len(str((self.count - 1) // self.shard_size)))
+
+    @property
+    def shards(self) -> int:
+        return -(-self.count // self.shard_size)
+
+    def shard_of(self, index: int) -> int:
+        return index // self.shard_size
+
+    def shard_range(self, shard: int) -> range:
+        return range(shard * self.shard_size, min((shard + 1) * self.shard_size, self.count))
+
+    def key(self, index: int) -> str:
+        """The WebDataset key of an image (its member names are ``key.<ext>``, ``key.json``)."""
+        return f"{index:0{self.index_width}d}"
+
+    def file_name(self, index: int) -> str:
+        """Files mode: the name without extension, relative to the root."""
+        return f"{self.shard_of(index):0{self.shard_width}d}/{self.key(index)}"
+
+    def tar_name(self, shard: int, part: int) -> str:
+        base = f"shard-{shard:0{self.shard_width}d}"
+        return f"{base}.tar" if part == 0 else f"{base}-{part}.tar"
+
+
+def job_record(layout: Layout, fmt: str, quality: int | None, shard_bytes: int | None,
+               job: dict[str, Any]) -> dict[str, Any]:
+    """What ``dataset.json`` holds: everything that decides the bytes of the output."""
+    return {"asyncdump_dataset": LAYOUT_VERSION, "count": layout.count, "format": fmt,
+            "quality": quality, "mode": layout.mode, "shard_size": layout.shard_size,
+            "shard_bytes": shard_bytes, "job": job}
+
+
+def dumps_line(entry: dict[str, Any]) -> str:
+    """One manifest line: compact, keys sorted, so equal entries are equal bytes."""
+    return json.dumps(entry, sort_keys=True, separators=(",", ":"), ensure_ascii=False) + "\n"
+
+
+def rank_manifest(rank: int) -> str:
+    return f"manifest.rank{rank}.jsonl"
+
+
+def manifest_files(root: Path) -> list[Path]:
+    """``manifest.jsonl`` and any per-rank manifests, the main one first."""
+    found = [root / MANIFEST_FILE] if (root / MANIFEST_FILE).exists() else []
+    with contextlib.suppress(FileNotFoundError):
+        found += sorted(p for p in root.iterdir() if _RANK_MANIFEST.match(p.name))
+    return found
+
+
+def holds_dataset(root: Path) -> str | None:
+    """The name of the file that makes ``root`` an existing dataset, or None."""
+    if (root / DATASET_FILE).exists():
+        return DATASET_FILE
+    files = manifest_files(root)
+    return files[0].name if files else None
+
+
+def write_atomically(path: Path, text: str, fsync: bool = False) -> None:
+    temp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(temp, "w", encoding="utf-8") as handle:
+            handle.write(text)
+            if fsync:
+                handle.flush()
+                os.fsync(handle.fileno())
+        os.replace(temp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(temp)
+        raise
+
+
+def check_job(root: Path, record: dict[str, Any]) -> None:
+    """Refuse to resume into ``root`` unless its ``dataset.json`` describes the same job."""
+    path = root / DATASET_FILE
+    if not path.exists():
+        raise DatasetError(f"{root} has a manifest but no {DATASET_FILE}: it was not written by "
+                           "asyncdump (or was damaged); refusing to resume into it")
+    try:
+        stored = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise DatasetError(f"{path} is corrupt ({exc}); refusing to resume") from None
+    if not isinstance(stored, dict) or stored.get("asyncdump_dataset") != LAYOUT_VERSION:
+        raise DatasetError(f"{path} is not an asyncdump dataset description; refusing to resume")
+    record = json.loads(json.dumps(record))  # tuples -> lists, as stored
+    differ = sorted(k for k in set(stored) | set(record) if stored.get(k) != record.get(k))
+    if differ:
+        detail = ", ".join(f"{k}: stored {stored.get(k)!r}, asked {record.get(k)!r}" for k in differ)
+        raise DatasetError(f"{root} holds a different job ({detail}); resume needs the same "
+                           "parameters, or use a new output folder")
+
+
+def read_manifests(root: Path, count: int) -> dict[int, dict[str, Any]]:
+    """Every entry of every manifest file, by index; ``DatasetError`` if one is corrupt.
+
+    A last line without its newline that does not parse is a write cut short by a crash and
+    is ignored; any other bad line, or two different entries for one index, is corruption.
+    """
+    entries: dict[int, dict[str, Any]] = {}
+    for path in manifest_files(root):
+        try:
+            text = path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            raise DatasetError(f"cannot read manifest {path}: {exc}") from None
+        lines = text.split("\n")
+        for number, line in enumerate(lines, 1):
+            if not line.strip():
+                continue
+            torn = number == len(lines)  # the text did not end with a newline
+            try:
+                entry = json.loads(line)
+                _check_entry(entry, count)
+            except (ValueError, TypeError) as exc:
+                if torn:
+                    continue
+                raise DatasetError(f"corrupt manifest {path.name}, line {number}: {exc}; "
+                                   "refusing to resume (nothing was changed)") from None
+            index = entry["index"]
+            old = entries.get(index)
+            if old is not None and old != entry:
+                raise DatasetError(f"corrupt manifest {path.name}, line {number}: index {index} "
+                                   "appears twice with different content; refusing to resume")
+            entries[index] = entry
+    return entries
+
+
+def _check_entry(entry: Any, count: int) -> None:
+    if not isinstance(entry, dict):
+        raise ValueError("not a JSON object")
+    index = entry.get("index")
+    if isinstance(index, bool) or not isinstance(index, int) or not 0 <= index < count:
+        raise ValueError(f"index {index!r} is not an int in 0..{count - 1}")
+    for key in ("path", "sha256"):
+        if not isinstance(entry.get(key), str):
+            raise ValueError(f"{key!r} missing or not a string")
+    path = entry["path"]
+    if path.startswith("/") or ".." in path.split("/"):
+        raise ValueError(f"path {path!r} is not relative to the dataset folder")
+
+
+@dataclass
+class ResumeState:
+    """What is already durable: the entries to keep, and for tar mode the parts per shard."""
+
+    entries: dict[int, dict[str, Any]] = field(default_factory=dict)
+    parts_done: dict[int, int] = field(default_factory=dict)  # tar: shard -> complete parts
+
+
+def durable_entries(root: Path, layout: Layout,
+                    entries: dict[int, dict[str, Any]]) -> dict[int, dict[str, Any]]:
+    """Keep entries whose bytes are on disk; in tar mode only whole shards' complete prefixes."""
+    if layout.mode == "files":
+        return {i: e for i, e in entries.items() if (root / e["path"]).is_file()}
+    kept: dict[int, dict[str, Any]] = {}
+    by_shard: dict[int, list[dict[str, Any]]] = {}
+    for index, entry in entries.items():
+        by_shard.setdefault(layout.shard_of(index), []).append(entry)
+    for shard, items in by_shard.items():
+        items.sort(key=lambda e: e["index"])
+        first = layout.shard_range(shard).start
+        prefix = [e["index"] for e in items] == list(range(first, first + len(items)))
+        tars = {e["path"].split("/", 1)[0] for e in items}
+        sizes = {}
+        for tar in tars:
+            with contextlib.suppress(OSError):
+                sizes[tar] = (root / tar).stat().st_size
+        intact = all(e["path"].split("/", 1)[0] in sizes and
+                     int(e.get("offset", 0)) + int(e.get("bytes", 0))
+                     <= sizes[e["path"].split("/", 1)[0]] for e in items)
+        if prefix and intact:  # otherwise the whole shard is written again (same bytes)
+            kept.update((e["index"], e) for e in items)
+    return kept
+
+
+def parts_done(layout: Layout, entries: Iterable[dict[str, Any]]) -> dict[int, int]:
+    """Tar mode: how many complete parts each shard already has."""
+    tars: dict[int, set[str]] = {}
+    for entry in entries:
+        tars.setdefault(layout.shard_of(entry["index"]), set()).add(entry["path"].split("/", 1)[0])
+    return {shard: len(names) for shard, names in tars.items()}
+
+
+def remove_temp_files(root: Path) -> int:
+    """Delete hidden ``.*.tmp`` files a killed run left (top level and shard folders)."""
+    removed = 0
+    folders = [root] + [p for p in root.iterdir() if p.is_dir() and p.name.isdigit()]
+    for folder in folders:
+        for path in folder.iterdir():
+            if _TEMP_NAME.match(path.name) and path.is_file():
+                with contextlib.suppress(OSError):
+                    path.unlink()
+                    removed += 1
+    return removed
+
+
+def write_merged_manifest(root: Path, entries: dict[int, dict[str, Any]], fsync: bool) -> None:
+    """Replace ``manifest.jsonl`` with ``entries`` sorted by index, then drop rank manifests."""
+    text = "".join(dumps_line(entries[i]) for i in sorted(entries))
+    write_atomically(root / MANIFEST_FILE, text, fsync)
+    for path in manifest_files(root):
+        if path.name != MANIFEST_FILE:
+            with contextlib.suppress(OSError):
+                path.unlink()
