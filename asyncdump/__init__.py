@@ -10,6 +10,7 @@
 from ._errors import AsyncDumpError, BufferFullError
 from ._sink import AsyncImageSink
 from ._stats import SinkStats
+from .dataset import DatasetError, DatasetSink, DatasetSummary, write_dataset
 from .grid import flush, save_image
 
 __version__ = "0.1.0"
@@ -18,8 +19,12 @@ __all__ = [
     "AsyncDumpError",
     "AsyncImageSink",
     "BufferFullError",
+    "DatasetError",
+    "DatasetSink",
+    "DatasetSummary",
     "SinkStats",
     "__version__",
     "flush",
     "save_image",
+    "write_dataset",
 ]
