@@ -28,10 +28,16 @@ lint: $(STAMP)
 demo: $(STAMP)
 	$(PY) -m asyncdump demo
 
+# The bench extra (pillow for pil_sync, matplotlib for the chart) is optional: without it
+# those two are skipped with a note.
 bench: $(STAMP)
+	$(PY) -c "import PIL, matplotlib" 2>/dev/null || $(PY) -m pip install -q -e ".[bench]" \
+		|| echo "bench extra not installed: pil_sync and the chart will be skipped"
 	$(PY) -m asyncdump bench
 
 bench-quick: $(STAMP)
+	$(PY) -c "import PIL, matplotlib" 2>/dev/null || $(PY) -m pip install -q -e ".[bench]" \
+		|| echo "bench extra not installed: pil_sync and the chart will be skipped"
 	$(PY) -m asyncdump bench --quick
 
 gpu-check: $(STAMP)

@@ -7,7 +7,7 @@ import importlib
 import sys
 
 # Each module defines register(subparsers) -> None; the parser it adds sets func(args) -> int.
-COMMAND_MODULES = ["asyncdump.info", "asyncdump.demo", "asyncdump.generate"]
+COMMAND_MODULES = ["asyncdump.info", "asyncdump.demo", "asyncdump.bench.cli", "asyncdump.generate"]
 
 
 def build_parser() -> argparse.ArgumentParser:

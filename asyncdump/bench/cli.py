@@ -1,0 +1,179 @@
+"""``asyncdump bench`` (``make bench``): the side-by-side benchmark, or ``--root DIR`` for the
+user's own storage. Markdown goes to stdout, progress to stderr, JSON and a chart to ``--out``."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import platform
+import shlex
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+DEFAULT_OUT = Path("benchmarks") / "results"
+
+
+def _log(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
+
+
+def machine() -> dict[str, Any]:
+    """What the numbers were measured on."""
+    from ..info import collect
+
+    facts = collect()
+    model = platform.processor()
+    try:
+        with open("/proc/cpuinfo") as handle:
+            model = next((line.split(":", 1)[1].strip() for line in handle
+                          if line.startswith("model name")), model)
+    except OSError:
+        pass
+    facts["cpu"] = model
+    facts["platform"] = platform.platform()
+    return facts
+
+
+def _parse_scenarios(text: str) -> list[int]:
+    try:
+        chosen = sorted({int(part) for part in text.split(",") if part.strip()})
+    except ValueError:
+        chosen = []
+    if not chosen or any(n not in range(1, 6) for n in chosen):
+        raise argparse.ArgumentTypeError(f"--scenarios takes numbers 1..5 separated by commas, got {text!r}")
+    return chosen
+
+
+def _config(args: argparse.Namespace) -> Any:
+    from .scenarios import Config
+
+    config = Config.quick() if args.quick else Config()
+    config.work = Path(args.work)
+    config.device = args.device
+    for option, attribute in (("rounds", "rounds"), ("steps", "loop_steps"), ("cpu_steps", "cpu_steps"),
+                              ("step_ms", "step_ms"), ("batch", "batch"), ("size", "size")):
+        value = getattr(args, option)
+        if value is not None:
+            setattr(config, attribute, value)
+    if args.contenders:
+        config.contenders = args.contenders.split(",")
+    if args.throughput_images is not None:
+        config.throughput_images = dict.fromkeys(config.throughput_images, args.throughput_images)
+    return config
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+
+    command = command_line(args)
+    if args.device == "auto":
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    if args.root is not None:
+        return run_storage(args, command)
+    from . import report
+    from .scenarios import SCENARIOS
+
+    config = _config(args)
+    facts = machine()
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    json_path = Path(args.json) if args.json else Path(args.out) / f"{stamp}.json"
+    chart_path = Path(args.chart) if args.chart else json_path.with_suffix(".png")
+    print(f"# asyncdump bench{' --quick' if args.quick else ''}\n")
+    print(f"`{command}` on {facts['usable cores']} usable cores ({facts['cpu']}), "
+          f"device {config.device}, torch {facts['torch']}, OpenCV {facts['opencv']}, "
+          f"{config.rounds} interleaved rounds; cells are median (min–max).\n")
+    results: dict[str, Any] = {}
+    began = time.perf_counter()
+    for number in args.scenarios:
+        key, function = SCENARIOS[number]
+        _log(f"{key} ...")
+        scenario_config = config if number != 2 else dataclasses.replace(config, device="cpu")
+        with_time = time.perf_counter()
+        results[key] = function(scenario_config, _log)
+        results[key]["seconds"] = time.perf_counter() - with_time
+        print(f"## {key}\n\n{report.TABLES[key](results[key])}\n", flush=True)
+    checks = report.targets(results)
+    print(f"## targets\n\n{report.targets_table(checks)}\n")
+    document = {"schema": 1, "command": command, "quick": args.quick, "machine": facts,
+                "config": {k: str(v) if isinstance(v, Path) else v
+                           for k, v in dataclasses.asdict(config).items()},
+                "started": stamp, "seconds": time.perf_counter() - began,
+                "scenarios": results, "targets": checks}
+    report.write_json(document, json_path)
+    print(f"JSON: {json_path}")
+    if args.no_chart:
+        print("chart: not drawn (--no-chart)")
+    else:
+        why_not = report.chart(results, chart_path)
+        print(f"chart: {chart_path}" if why_not is None else why_not)
+    print(f"total time: {time.perf_counter() - began:.0f} s")
+    return 1 if report.lost_images(results) else 0
+
+
+def run_storage(args: argparse.Namespace, command: str) -> int:
+    """``--root DIR``: sustained images/s into DIR and a worker-count recommendation."""
+    from .storage import storage_bench
+
+    size = args.size or 256
+    rounds = args.rounds or 3
+    seconds = args.seconds or (1.0 if args.quick else 4.0)
+    print(f"# {command}\n\n{size}×{size} RGB {args.format.upper()}, "
+          f"{rounds} interleaved rounds, about {seconds:g} s per run; cells are median (min–max).\n")
+    result = storage_bench(Path(args.root), size, args.format, rounds, seconds, args.max_workers, _log)
+    from .report import _range, _table
+
+    rows = [["1 process (encode + write)", _range(result["single_process"], "{:.0f}")]]
+    rows += [[f"asyncdump, {k} worker{'s' if k != '1' else ''}", _range(s, "{:.0f}")]
+             for k, s in result["workers"].items()]
+    print(_table(["writer", "images/s"], rows))
+    print(f"\nrecommendation: AsyncImageSink(..., {result['why']})")
+    return 0
+
+
+def register(subparsers: Any) -> None:
+    parser = subparsers.add_parser(
+        "bench", help="benchmark asyncdump against the usual ways of saving images "
+                      "(or, with --root, measure your own storage)",
+        description="Runs the five scenarios of the asyncdump benchmark (interleaved rounds, "
+                    "medians with min–max): a Markdown report on stdout, JSON and a chart under --out.")
+    parser.add_argument("--quick", action="store_true", help="fewer steps and rounds (< 2 min on 2 cores)")
+    parser.add_argument("--scenarios", type=_parse_scenarios, default=[1, 2, 3, 4, 5],
+                        help="which scenarios, e.g. 1,3 (default: all five)")
+    parser.add_argument("--rounds", type=int, help="interleaved rounds (default 5, quick 3)")
+    parser.add_argument("--steps", type=int, help="loop steps in scenario 1")
+    parser.add_argument("--cpu-steps", type=int, help="loop steps in scenario 2")
+    parser.add_argument("--step-ms", type=float, help="simulated GPU step in scenario 1 (default 40)")
+    parser.add_argument("--batch", type=int, help="images per batch in scenarios 1, 2, 5 (default 16)")
+    parser.add_argument("--size", type=int, help="image side in scenarios 1, 2, 5 and --root (default 256)")
+    parser.add_argument("--throughput-images", type=int, help="images per case in scenario 3")
+    parser.add_argument("--contenders", help="comma-separated subset for scenarios 1 and 2")
+    parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
+                        help="where the loop's batches live (auto: cuda when available)")
+    parser.add_argument("--out", default=str(DEFAULT_OUT), help="folder for JSON and chart")
+    parser.add_argument("--json", help="JSON path (default OUT/<timestamp>.json)")
+    parser.add_argument("--chart", help="chart path (default next to the JSON, .png)")
+    parser.add_argument("--no-chart", action="store_true")
+    parser.add_argument("--work", default="bench_out", help="scratch folder for the images written")
+    storage = parser.add_argument_group("your storage (--root)")
+    storage.add_argument("--root", help="measure sustained images/s into this folder instead")
+    storage.add_argument("--format", default="png", help="image format for --root (default png)")
+    storage.add_argument("--seconds", type=float, help="length of each run (default 4, quick 1)")
+    storage.add_argument("--max-workers", type=int, help="try 1..this many workers (default: usable cores)")
+    parser.set_defaults(func=run, bench_parser=parser)
+
+
+def command_line(args: argparse.Namespace) -> str:
+    """The ``asyncdump bench`` command that reproduces ``args`` (options off their default)."""
+    words = ["asyncdump", "bench"]
+    for action in args.bench_parser._actions:
+        if not action.option_strings or action.dest == "help":
+            continue
+        value = getattr(args, action.dest, None)
+        if value == action.default:
+            continue
+        words.append(action.option_strings[-1])
+        if action.nargs != 0:
+            words.append(",".join(map(str, value)) if isinstance(value, list) else str(value))
+    return shlex.join(words)

@@ -1,0 +1,6 @@
+"""Scenario 1: GPU-bound loop. Arguments go to `asyncdump bench` (try --quick or --help)."""
+
+if __name__ == "__main__":
+    from _scenario import run
+
+    run(1)
