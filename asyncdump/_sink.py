@@ -378,9 +378,12 @@ class AsyncImageSink:
             if item is None:
                 return
             jobs, event = item
-            event.synchronize()  # a blocking event: this thread sleeps, the GIL is released
+            try:
+                event.synchronize()  # a blocking event: this thread sleeps, the GIL is released
+            except BaseException as exc:  # a CUDA error: nothing staged after it can be trusted
+                self._break(AsyncDumpError(f"the device-to-host copy failed: {exc}"))
             jobs[0].keepalive = None
-            self._hand_over(jobs)
+            self._hand_over(jobs)  # on a broken sink the collector fails them
 
     # ------------------------------------------------------------------ caller-facing state
     def _check_usable(self) -> None:
@@ -534,9 +537,13 @@ class AsyncImageSink:
             return
         self._started.set()
         try:
-            self._collect()
-        except BaseException as exc:  # a bug or a fatal fault: fail loudly, never hang callers
-            self._break(exc)
+            try:
+                self._collect()
+            except BaseException as exc:  # a bug or a fatal fault: fail loudly, never hang
+                if self._broken is not None:
+                    raise
+                self._break(exc)
+                self._collect()  # broken mode: fail whatever still arrives, until close
         finally:
             abort = self._abort_reason or self._broken
             if abort is not None:
@@ -557,7 +564,13 @@ class AsyncImageSink:
                 self._pending.append(self._ready.popleft())
             while self._probe_requests:
                 self._send_probe(self._probe_requests.popleft())
-            self._dispatch()
+            if self._broken is not None:  # no more writing: stop workers, fail what is left
+                for worker in self._workers:
+                    stop_worker(worker, timeout=0.0)
+                self._fail_everything(self._broken)
+                self._workers.clear()
+            else:
+                self._dispatch()
             if self._stop.is_set():
                 if self._abort_reason is not None or self._broken is not None:
                     return
@@ -568,13 +581,20 @@ class AsyncImageSink:
     def _drain(self, worker: WorkerProcess) -> None:
         if worker not in self._workers:
             return  # died earlier in this round
-        try:
-            while worker.conn.poll():
-                self._handle(worker, worker.conn.recv())
-        except (EOFError, OSError):
-            self._on_worker_death(worker)
+        while True:
+            try:
+                if not worker.conn.poll():
+                    return
+                message = worker.conn.recv()
+            except (EOFError, OSError):
+                self._on_worker_death(worker)
+                return
+            self._handle(worker, message)
 
     def _send_probe(self, request: concurrent.futures.Future[dict[int, list[str]]]) -> None:
+        if not self._workers:
+            request.set_result({})
+            return
         probe_id = next(_job_ids)
         self._probes[probe_id] = (request, {}, len(self._workers))
         for worker in self._workers:
@@ -731,6 +751,7 @@ class AsyncImageSink:
     def _break(self, reason: BaseException) -> None:
         self._broken = reason
         self._buffer.wake_all()
+        self._poke()
 
     def _fail_everything(self, reason: BaseException) -> None:
         """Resolve every job not yet written with ``reason`` (abort or broken sink)."""
