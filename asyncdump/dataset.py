@@ -68,7 +68,6 @@ __all__ = ["DatasetError", "DatasetSink", "DatasetSummary", "write_dataset"]
 MODES = ("files", "tar")
 QUEUED_BATCHES = 32  # batches handed to the committer and not yet committed
 _TAR_BLOCK = 512
-_TAR_RECORD = 20 * _TAR_BLOCK  # what tarfile pads an archive to
 
 
 @dataclass(frozen=True)
@@ -535,8 +534,8 @@ class _TarPart:
         return offset
 
     def finish(self, fsync: bool) -> None:
-        end = self.size + 2 * _TAR_BLOCK
-        self.handle.write(b"\0" * (2 * _TAR_BLOCK + (-end % _TAR_RECORD)))
+        # Two zero blocks end the archive; no padding to a 10 KiB record, so shard_bytes is exact.
+        self.handle.write(b"\0" * (2 * _TAR_BLOCK))
         self.handle.flush()
         if fsync:
             os.fsync(self.handle.fileno())
