@@ -101,8 +101,9 @@ _job_ids = itertools.count()
 class AsyncImageSink:
     """Write image batches to ``root`` from worker processes; ``submit`` returns at once.
 
-    See API.md for every argument. Extra: ``overwrite=True`` lets two images of this sink
-    use the same path (the later one wins); by default that is a ``ValueError`` at submit.
+    See API.md for every argument. Extras: ``overwrite=True`` lets two images of this sink
+    use the same path (by default a ``ValueError`` at submit); ``extension`` is the suffix
+    added to every name (default: the format's, e.g. ``".png"``; ``".TIF"`` or ``""`` work).
     """
 
     def __init__(
@@ -121,6 +122,7 @@ class AsyncImageSink:
         on_error: str | Callable[[BaseException], Any] = "raise",
         fsync: bool = False,
         overwrite: bool = False,
+        extension: str | None = None,
     ):
         self._closed = True  # until fully started: close()/__del__ have nothing to do
         if workers is None:
@@ -150,7 +152,12 @@ class AsyncImageSink:
         self.on_error = on_error
         self.fsync = bool(fsync)
         self.workers = workers
-        self._namer = Namer(self.root, name, self._extension, overwrite=overwrite)
+        if extension is None:
+            extension = codec.extension
+        if not isinstance(extension, str) or (extension and not extension.startswith(".")) \
+                or any(c in extension for c in "/\\\x00"):
+            raise ValueError(f"extension must be '' or start with '.' (e.g. '.tif'), got {extension!r}")
+        self._namer = Namer(self.root, name, extension, overwrite=overwrite)
         self._token = f"{os.getpid()}-{next(_serial)}"
         self._next_index = 0
         self._counters = Counters()

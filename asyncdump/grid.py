@@ -273,9 +273,7 @@ class _Sinks:
             sink = AsyncImageSink(folder, workers=1, format=key,
                                   quality=PIL_DEFAULT_QUALITY.get(key),
                                   max_buffer_bytes=max(SINK_BUFFER_BYTES, 2 * nbytes),
-                                  name="{index:08d}", overwrite=True)
-            # The sink names files name + codec extension; fp may say ".tif", ".PNG" or nothing.
-            sink._namer.extension = suffix
+                                  name="{index:08d}", overwrite=True, extension=suffix)
             self.open[index] = sink
         self.open.move_to_end(index)
         return sink

@@ -59,3 +59,11 @@ def test_same_path_twice_is_rejected_unless_overwrite(root: Path) -> None:
         sink.submit(IMG).result(timeout=30)
         sink.submit(np.full((2, 1, 4, 4), 9, np.uint8)).result(timeout=30)
     assert sorted(p.name for p in root.iterdir()) == ["latest_0.png", "latest_1.png"]
+
+
+def test_custom_extension(root: Path) -> None:
+    with AsyncImageSink(root, format="tiff", extension=".TIF") as sink:
+        paths = sink.submit(IMG).result(timeout=30)
+    assert [p.name for p in paths] == ["00000000.TIF", "00000001.TIF"]
+    with pytest.raises(ValueError, match="extension"):
+        AsyncImageSink(root, extension="png")
