@@ -63,7 +63,7 @@ class Config:
 
     @classmethod
     def quick(cls, **overrides: Any) -> Config:
-        base = cls(rounds=3, loop_steps=12, cpu_steps=6, submit_reps=5, flood_batches=16,
+        base = cls(rounds=3, loop_steps=12, cpu_steps=5, submit_reps=5, flood_batches=16,
                    throughput_images={"png-256": 48, "jpg-256": 48, "png-32": 512, "png-1024": 6})
         for key, value in overrides.items():
             setattr(base, key, value)
@@ -75,10 +75,10 @@ def small_convnet(torch: Any, device: str) -> tuple[Any, Any, Any]:
     """A small real model: two convolutions, a pooled linear head, SGD; and its input batch."""
     nn = torch.nn
     model = nn.Sequential(
-        nn.Conv2d(3, 32, 3, padding=1), nn.ReLU(), nn.Conv2d(32, 32, 3, padding=1), nn.ReLU(),
-        nn.AdaptiveAvgPool2d(4), nn.Flatten(), nn.Linear(32 * 16, 10)).to(device)
+        nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 16, 3, padding=1), nn.ReLU(),
+        nn.AdaptiveAvgPool2d(4), nn.Flatten(), nn.Linear(16 * 16, 10)).to(device)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
-    inputs = torch.randn(32, 3, 64, 64, device=device)
+    inputs = torch.randn(16, 3, 64, 64, device=device)
     return model, optimizer, inputs
 
 
