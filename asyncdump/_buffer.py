@@ -14,6 +14,8 @@ batch free its bytes as soon as it is encoded.
 from __future__ import annotations
 
 import bisect
+import contextlib
+import ctypes
 import mmap
 import os
 import tempfile
@@ -25,7 +27,9 @@ from typing import Any
 import numpy as np
 
 ALIGNMENT = 64  # bytes: every region starts on a cache line (and any dtype's alignment)
-PREFAULT_BYTES = 64 << 20  # touched at start so the first batches do not pay page faults
+PREFAULT_CHUNK_BYTES = 16 << 20
+PREFAULT_AHEAD_BYTES = 64 << 20  # populated beyond the highest byte ever reserved
+_MADV_POPULATE_WRITE = 23  # Linux >= 5.14; not in Python 3.11's mmap module
 
 
 def _round_up(value: int, multiple: int) -> int:
@@ -59,15 +63,54 @@ class SharedBuffer:
         # np.frombuffer keeps the mmap export alive: mm.close() raises instead of leaving a
         # dangling view that would segfault (see DESIGN.md).
         self._array: np.ndarray | None = np.frombuffer(self._mm, dtype=np.uint8)
-        # First fit reuses the low addresses, so warming them once keeps staging at memcpy speed.
-        self._array[: min(self.capacity_bytes, PREFAULT_BYTES)].fill(0)
         self._torch_view: Any = None
         self._pinned_ptr: int | None = None
         self._starts: list[int] = [0]  # free extents, sorted by start
         self._ends: list[int] = [self.capacity_bytes]
         self._cond = threading.Condition()
+        self._prefault_thread: threading.Thread | None = None
+        self._prefault_stop = threading.Event()
+        self._prefault_wake = threading.Event()
+        self._prefault_target = 0
         self.buffered_bytes = 0
         self.peak_buffered_bytes = 0
+
+    def start_prefault(self) -> None:
+        """Keep the pages ahead of staging faulted in, from a background thread.
+
+        A copy into never-touched shared pages costs a page fault per 4 KiB (measured: a
+        12.6 MB submit took 25-50 ms instead of 1.6 ms). The thread keeps
+        ``PREFAULT_AHEAD_BYTES`` beyond the highest reserved byte populated, so memory grows
+        with the backlog that actually builds up, not to ``max_buffer_bytes`` at once.
+        MADV_POPULATE_WRITE allocates pages without changing their contents, so it may run
+        while staging writes into them; ctypes releases the GIL for the call.
+        """
+        self._prefault_target = min(self.mapped_bytes, PREFAULT_AHEAD_BYTES)
+        self._prefault_thread = threading.Thread(target=self._prefault, name="asyncdump-prefault",
+                                                 daemon=True)
+        self._prefault_thread.start()
+
+    def _prefault(self) -> None:
+        assert self._array is not None
+        base = int(self._array.ctypes.data)
+        try:
+            madvise = ctypes.CDLL(None, use_errno=True).madvise
+            madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
+        except (OSError, AttributeError):
+            madvise = None
+        populated = 0
+        while not self._prefault_stop.is_set():
+            target = self._prefault_target
+            if populated >= target:
+                self._prefault_wake.wait()
+                self._prefault_wake.clear()
+                continue
+            length = min(PREFAULT_CHUNK_BYTES, target - populated)
+            if madvise is None or madvise(base + populated, length, _MADV_POPULATE_WRITE) != 0:
+                # Older kernels: allocate the memfd's pages (faults stay, but become cheap).
+                with contextlib.suppress(OSError):
+                    os.posix_fallocate(self.fd, populated, length)
+            populated += length
 
     # -- space -----------------------------------------------------------------------------
     def _take(self, nbytes: int) -> int | None:
@@ -85,6 +128,10 @@ class SharedBuffer:
                 self._ends.insert(i, offset)
             self.buffered_bytes += nbytes
             self.peak_buffered_bytes = max(self.peak_buffered_bytes, self.buffered_bytes)
+            ahead = offset + nbytes + PREFAULT_AHEAD_BYTES
+            if ahead > self._prefault_target and self._prefault_thread is not None:
+                self._prefault_target = min(self.mapped_bytes, ahead)
+                self._prefault_wake.set()
             return offset
         return None
 
@@ -175,6 +222,11 @@ class SharedBuffer:
 
     def close(self) -> None:
         """Unpin, unmap and close the fd. The caller has waited for every GPU copy."""
+        if self._prefault_thread is not None:
+            self._prefault_stop.set()
+            self._prefault_wake.set()
+            self._prefault_thread.join()
+            self._prefault_thread = None
         if self._pinned_ptr is not None:
             import torch
 

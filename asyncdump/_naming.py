@@ -122,6 +122,9 @@ class Namer:
             raise ValueError(f"name template {self.template!r} failed to format: {exc}") from None
 
     def _checked_path(self, name: object) -> str:
+        if isinstance(name, str) and name and "/" not in name and "\\" not in name \
+                and "\x00" not in name and name not in (".", ".."):
+            return f"{self._root_str}{os.sep}{name}{self.extension}"  # in root itself: checked
         if not isinstance(name, str) or not name:
             raise ValueError(f"each name must be a non-empty string, got {name!r}")
         if "\x00" in name or "\\" in name:

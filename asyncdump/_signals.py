@@ -8,11 +8,15 @@ Waiting for buffer space stays outside, so a blocked ``submit`` is still interru
 
 from __future__ import annotations
 
+import _signal  # the C module: signal's wrappers convert to enums, ~1 us per call here
 import signal
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from types import FrameType
+
+
+_SIGINT = int(signal.SIGINT)
 
 
 @contextmanager
@@ -22,7 +26,7 @@ def deferred_sigint() -> Iterator[None]:
     A no-op off the main thread or when the program installed its own SIGINT handler.
     """
     if threading.current_thread() is not threading.main_thread() \
-            or signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
+            or _signal.getsignal(_SIGINT) is not signal.default_int_handler:
         yield
         return
     received: list[int] = []
@@ -30,10 +34,10 @@ def deferred_sigint() -> Iterator[None]:
     def remember(signum: int, frame: FrameType | None) -> None:
         received.append(signum)
 
-    signal.signal(signal.SIGINT, remember)
+    _signal.signal(_SIGINT, remember)
     try:
         yield
     finally:
-        signal.signal(signal.SIGINT, signal.default_int_handler)
+        _signal.signal(_SIGINT, signal.default_int_handler)
     if received:
         raise KeyboardInterrupt

@@ -170,6 +170,7 @@ class AsyncImageSink:
         self._stop = threading.Event()
         self._abort_reason: BaseException | None = None
         self._ready: deque[_Job] = deque()  # producer/event thread -> collector
+        self._poke_needed = True  # the collector may be asleep: a hand-over must wake it
         self._pending: deque[_Job] = deque()  # collector only
         self._workers: list[WorkerProcess] = []  # collector only (read for stats)
         self._start_failures = 0  # consecutive workers that died before saying "ready"
@@ -182,6 +183,7 @@ class AsyncImageSink:
         self._event_thread: threading.Thread | None = None
 
         self._buffer = SharedBuffer(max_buffer_bytes)
+        self._buffer.start_prefault()
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_w, False)
         os.set_blocking(self._wake_r, False)
@@ -347,10 +349,11 @@ class AsyncImageSink:
 
     def _hand_over(self, jobs: list[_Job]) -> None:
         self._ready.extend(jobs)
-        try:
-            os.write(self._wake_w, b"\0")
-        except BlockingIOError:
-            pass  # the pipe is full of wake-ups already
+        # Poke only a collector that may be asleep: each write lets it take the GIL while we
+        # are in the syscall, which cost submit up to milliseconds when done every time.
+        if self._poke_needed:
+            self._poke_needed = False
+            self._poke()
 
     def _fail_unstaged(self, record: _BatchRecord, staged: int, exc: BaseException) -> None:
         """Images of a batch that never reached the buffer (interrupt in a later part)."""
@@ -561,14 +564,19 @@ class AsyncImageSink:
     def _collect(self) -> None:
         while True:
             by_conn = {w.conn: w for w in self._workers}
-            for ready in wait_for_ready([self._wake_r, *by_conn]):
-                if ready == self._wake_r:
-                    with contextlib.suppress(BlockingIOError):
-                        os.read(self._wake_r, 65536)
-                else:
-                    self._drain(by_conn[ready])  # type: ignore[index]
-            while self._ready:
-                self._pending.append(self._ready.popleft())
+            # From here on producers must poke; anything they queued before is seen right now.
+            self._poke_needed = True
+            timeout = 0 if self._ready else None
+            readable = wait_for_ready([self._wake_r, *by_conn], timeout)
+            self._poke_needed = False  # awake: new jobs are picked up without a poke
+            if self._wake_r in readable:
+                with contextlib.suppress(BlockingIOError):
+                    os.read(self._wake_r, 65536)
+            self._take_ready()  # new work first: its send releases the GIL to the producer
+            for conn in readable:
+                if conn != self._wake_r:
+                    self._drain(by_conn[conn])  # type: ignore[index]
+            self._take_ready()
             while self._probe_requests:
                 self._send_probe(self._probe_requests.popleft())
             if self._broken is not None:  # no more writing: stop workers, fail what is left
@@ -576,14 +584,18 @@ class AsyncImageSink:
                     stop_worker(worker, timeout=0.0)
                 self._fail_everything(self._broken)
                 self._workers.clear()
-            else:
-                self._dispatch()
             if self._stop.is_set():
                 if self._abort_reason is not None or self._broken is not None:
                     return
                 if not self._pending and not self._ready and not any(
                         w.inflight for w in self._workers):
                     return
+
+    def _take_ready(self) -> None:
+        while self._ready:
+            self._pending.append(self._ready.popleft())
+        if self._broken is None:
+            self._dispatch()
 
     def _drain(self, worker: WorkerProcess) -> None:
         if worker not in self._workers:
@@ -777,8 +789,8 @@ class AsyncImageSink:
 
 def _temp_path(final: str, stamp: str, index: int) -> str:
     """A hidden name in the target folder, unique per staged image."""
-    folder, base = os.path.split(final)
-    return os.path.join(folder, f".{base[:160]}.{stamp}-{index}.tmp")
+    folder, _, base = final.rpartition(os.sep)
+    return f"{folder}{os.sep}.{base[:160]}.{stamp}-{index}.tmp"
 
 
 def _unlink_quietly(path: str) -> None:
