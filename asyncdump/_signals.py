@@ -15,7 +15,6 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from types import FrameType
 
-
 _SIGINT = int(signal.SIGINT)
 
 
