@@ -40,7 +40,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import Any, NamedTuple
 
 from . import _defaults
 from ._codecs import encode_params, get_codec
@@ -51,7 +51,6 @@ from ._manifest import (
     DatasetError,
     Layout,
     check_job,
-    dumps_line,
     durable_entries,
     holds_dataset,
     job_record,
@@ -68,6 +67,14 @@ __all__ = ["DatasetError", "DatasetSink", "DatasetSummary", "write_dataset"]
 MODES = ("files", "tar")
 QUEUED_BATCHES = 32  # batches handed to the committer and not yet committed
 _TAR_BLOCK = 512
+
+
+class _Meta(NamedTuple):
+    """One image's metadata, serialised once at submit."""
+
+    member: bytes  # tar mode: the ``key.json`` member (the whole dict)
+    label: str  # JSON of the manifest's ``label``
+    extra: str  # JSON of the manifest's ``meta`` (the dict without ``label``)
 
 
 @dataclass(frozen=True)
@@ -190,6 +197,7 @@ class DatasetSink:
         self.fsync = bool(fsync)
         self.layout = Layout(count, shard_size, codec.extension, mode)
         self._format = format.lower()
+        self._format_json = json.dumps(self._format, ensure_ascii=False)
         self._shard_bytes = shard_bytes if mode == "tar" else None
         try:
             record = job_record(self.layout, self._format, quality, self._shard_bytes,
@@ -215,6 +223,10 @@ class DatasetSink:
 
         entries = read_manifests(self.root, count)  # rank 0 left only durable entries
         self.skipped = len(entries)
+        # While lines are appended in increasing index order after the existing ones, the
+        # manifest stays sorted and a one-rank close need not rewrite it.
+        self._last_index = max(entries, default=-1)
+        self._in_order = True
         self._next_part = parts_done(self.layout, entries.values()) if mode == "tar" else {}
         mine = range(self.rank, self.layout.shards, self.world)
         self._todo = [i for shard in mine for i in self.layout.shard_range(shard)
@@ -247,8 +259,8 @@ class DatasetSink:
 
             self._bar = tqdm(total=len(self._todo), unit="img", dynamic_ncols=True, disable=None,
                              desc=f"rank {self.rank}" if self.world > 1 else "generate")
-        self._queue: queue.Queue[tuple[concurrent.futures.Future[Any], list[int], list[bytes],
-                                       list[int]] | None] = queue.Queue(QUEUED_BATCHES)
+        self._queue: queue.Queue[tuple[concurrent.futures.Future[Any], list[int], list[_Meta],
+                                       str] | None] = queue.Queue(QUEUED_BATCHES)
         self._started = time.perf_counter()
         self._committer = threading.Thread(target=self._commit_main, name="asyncdump-dataset",
                                            daemon=True)
@@ -334,19 +346,23 @@ class DatasetSink:
             future = self._sink.encode(images)
         _, channels, height, width = shape
         self._pos += count
-        self._queue.put((future, indices, metas, [height, width, channels]))
+        self._queue.put((future, indices, metas, f"[{height},{width},{channels}]"))
 
-    def _metadata(self, metadata: Sequence[dict[str, Any]] | None, count: int) -> list[bytes]:
+    def _metadata(self, metadata: Sequence[dict[str, Any]] | None, count: int) -> list[_Meta]:
         if metadata is None:
-            return [b"{}"] * count
+            return [_Meta(b"{}", "null", "{}")] * count
         if isinstance(metadata, dict) or len(metadata) != count:
             raise ValueError(f"metadata must be a list of {count} dicts (one per image)")
+        tar = self.mode == "tar"
         out = []
         for meta in metadata:
             if not isinstance(meta, dict):
                 raise TypeError(f"each metadata item must be a dict, got {type(meta).__name__}")
             try:
-                out.append(json.dumps(meta, sort_keys=True, separators=(",", ":")).encode())
+                extra = {k: v for k, v in meta.items() if k != "label"}
+                out.append(_Meta(
+                    json.dumps(meta, sort_keys=True, separators=(",", ":")).encode() if tar
+                    else b"", _canonical(meta.get("label")), _canonical(extra)))
             except (TypeError, ValueError) as exc:
                 raise TypeError(f"metadata must be JSON-serialisable: {exc}") from None
         return out
@@ -380,46 +396,48 @@ class DatasetSink:
                 self._bar.update(len(indices))
         self._abort_part()  # a part still open here is incomplete (the run stopped early)
 
-    def _entry(self, index: int, path: str, data: bytes, meta: bytes,
-               shape: list[int]) -> dict[str, Any]:
-        extra = json.loads(meta)
-        return {"index": index, "path": path, "label": extra.pop("label", None),
-                "sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data), "shape": shape,
-                "format": self._format, "meta": extra}
+    def _line(self, index: int, path: str, data: bytes, meta: _Meta, shape: str,
+              offset: str = "") -> str:
+        """``dumps_line`` of the entry, formatted directly (a test pins the equality)."""
+        return (f'{{"bytes":{len(data)},"format":{self._format_json},"index":{index},'
+                f'"label":{meta.label},"meta":{meta.extra},{offset}"path":"{path}",'
+                f'"sha256":"{hashlib.sha256(data).hexdigest()}","shape":{shape}}}\n')
 
-    def _append(self, entries: list[dict[str, Any]]) -> None:
-        os.write(self._manifest_fd, "".join(dumps_line(e) for e in entries).encode())
+    def _append(self, indices: list[int], lines: list[str]) -> None:
+        self._in_order &= indices[0] > self._last_index  # each batch/part is in index order
+        self._last_index = indices[-1]
+        os.write(self._manifest_fd, "".join(lines).encode())
         if self.fsync:
             os.fsync(self._manifest_fd)
 
-    def _commit_files(self, indices: list[int], metas: list[bytes], shape: list[int],
+    def _commit_files(self, indices: list[int], metas: list[_Meta], shape: str,
                       result: list[Path] | None, failed: set[Path]) -> None:
-        entries = []
-        for i, (index, meta) in enumerate(zip(indices, metas, strict=True)):
+        done, lines = [], []
+        prefix = str(self.root) + os.sep
+        for index, meta in zip(indices, metas, strict=True):
             name = self.layout.file_name(index) + self.layout.extension
-            path = self.root / name
-            if (result is None and (not failed or path in failed)) or \
-                    (result is not None and result[i] != path):
+            if result is None and (not failed or Path(prefix + name) in failed):
                 self._failed += 1
                 continue
-            data = path.read_bytes()
-            entries.append(self._entry(index, name, data, meta, shape))
+            data = _read_file(prefix + name)
+            done.append(index)
+            lines.append(self._line(index, name, data, meta, shape))
             self._bytes += len(data)
-        if entries:
-            self._append(entries)
-            self._written += len(entries)
+        if lines:
+            self._append(done, lines)
+            self._written += len(lines)
 
-    def _commit_tar(self, indices: list[int], metas: list[bytes], shape: list[int],
+    def _commit_tar(self, indices: list[int], metas: list[_Meta], shape: str,
                     result: list[bytes] | None) -> None:
         shard = self.layout.shard_of(indices[0])
         if result is None or shard in self._failed_shards:
-            self._failed += len(indices) + (len(self._tar.entries) if self._tar else 0)
+            self._failed += len(indices) + (len(self._tar.lines) if self._tar else 0)
             self._abort_part()
             self._failed_shards.add(shard)
             return
         for index, data, meta in zip(indices, result, metas, strict=True):
-            needed = _member_bytes(len(data)) + _member_bytes(len(meta))
-            if self._tar is not None and self._shard_bytes is not None and self._tar.entries \
+            needed = _member_bytes(len(data)) + _member_bytes(len(meta.member))
+            if self._tar is not None and self._shard_bytes is not None and self._tar.lines \
                     and self._tar.size + needed + 2 * _TAR_BLOCK > self._shard_bytes:
                 self._close_part()
             if self._tar is None:
@@ -427,11 +445,11 @@ class DatasetSink:
                 self._tar = _TarPart(self.root, self.layout.tar_name(shard, part), shard)
             key = self.layout.key(index)
             offset = self._tar.add(key + self.layout.extension, data)
-            self._tar.add(key + ".json", meta)
-            entry = self._entry(index, f"{self._tar.name}/{key}{self.layout.extension}", data,
-                                meta, shape)
-            entry["offset"] = offset
-            self._tar.entries.append(entry)
+            self._tar.add(key + ".json", meta.member)
+            self._tar.indices.append(index)
+            self._tar.lines.append(self._line(index, f"{self._tar.name}/{key}{self.layout.extension}",
+                                              data, meta, shape, f'"offset":{offset},'))
+            self._tar.image_bytes += len(data)
             if index in self._shard_ends:
                 self._close_part()
 
@@ -441,13 +459,13 @@ class DatasetSink:
         self._tar = None
         part.finish(self.fsync)
         self._next_part[part.shard] = self._next_part.get(part.shard, 0) + 1
-        self._append(part.entries)
-        self._written += len(part.entries)
-        self._bytes += sum(e["bytes"] for e in part.entries)
+        self._append(part.indices, part.lines)
+        self._written += len(part.lines)
+        self._bytes += part.image_bytes
 
     def _abort_part(self) -> None:
         if self._tar is not None:
-            self._failed += len(self._tar.entries)
+            self._failed += len(self._tar.lines)
             self._tar.discard()
             self._tar = None
 
@@ -482,7 +500,9 @@ class DatasetSink:
             return self._summary
         self._ranks.barrier()  # every rank's lines are in its manifest file
         complete = False
-        if self.rank == 0:
+        if self.world == 1 and self._in_order:  # already sorted, without duplicates
+            complete = self.skipped + self._written == self.layout.count
+        elif self.rank == 0:
             entries = read_manifests(self.root, self.layout.count)
             write_merged_manifest(self.root, entries, self.fsync)
             complete = len(entries) == self.layout.count
@@ -517,7 +537,9 @@ class _TarPart:
         self.temp = root / f".{name}.tmp"
         self.handle = open(self.temp, "wb")  # noqa: SIM115 (closed in finish/discard)
         self.size = 0
-        self.entries: list[dict[str, Any]] = []
+        self.indices: list[int] = []  # of the images in it, with their manifest lines
+        self.lines: list[str] = []
+        self.image_bytes = 0
 
     def add(self, member: str, data: bytes) -> int:
         """Append one member; returns the offset of its data in the tar."""
@@ -570,6 +592,27 @@ def write_dataset(
             sink.submit(indices, images, metadata)
     assert sink.summary is not None
     return sink.summary
+
+
+def _canonical(value: Any) -> str:
+    """JSON text exactly as ``dumps_line`` writes it after a JSON round trip (the round trip
+    turns non-string keys into strings, which can change their order)."""
+    text = json.dumps(value, separators=(",", ":"), ensure_ascii=False)
+    if "{" in text:
+        text = json.dumps(json.loads(text), sort_keys=True, separators=(",", ":"),
+                          ensure_ascii=False)
+    return text
+
+
+def _read_file(path: str) -> bytes:
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        chunks = [os.read(fd, 1 << 20)]
+        while chunks[-1]:
+            chunks.append(os.read(fd, 1 << 20))
+    finally:
+        os.close(fd)
+    return chunks[0] if len(chunks) == 2 else b"".join(chunks)
 
 
 def _member_bytes(size: int) -> int:

@@ -60,6 +60,9 @@ def render(indices: Sequence[int], *, seed: int, size: int,
     def pick(column: int, lo: int, hi: int) -> np.ndarray:  # uniform ints in lo..hi
         return lo + (draws[:, column] % np.uint64(hi - lo + 1)).astype(np.int64)
 
+    def put(values: np.ndarray, dtype: Any) -> Any:
+        return torch.from_numpy(np.ascontiguousarray(values, dtype=dtype)).to(device)
+
     colours = np.stack([pick(c, 0, 255) for c in range(6)], 1).reshape(count, 2, 3)
     texture = pick(6, 0, len(TEXTURES) - 1)
     period = pick(7, 2, max(2, size // 4))
@@ -67,23 +70,37 @@ def render(indices: Sequence[int], *, seed: int, size: int,
     noise_key = pick(9, 0, 250)
     shapes = pick(10, 1, MAX_SHAPES)
 
-    def col(values: np.ndarray) -> Any:
-        return torch.from_numpy(np.ascontiguousarray(values, dtype=np.int32)).to(device)
+    # Background: 0 = first colour, 1 = second. Row y of image b is the window
+    # table[b, offsets[b, y]:][:size], so one gather of rows builds every texture.
+    pad = 2 * (size - 1)
+    table = np.zeros((count, max(5 * size - 4, 2 * size)), np.uint8)
+    offsets = np.zeros((count, size), np.int64)
+    ys = np.arange(size)
+    stripes, checker = texture == 0, texture == 1
+    # stripes: ((x + slope * y) // period) % 2
+    table[stripes] = (np.arange(table.shape[1])[None, :] - pad) // period[stripes, None] & 1
+    offsets[stripes] = slope[stripes, None] * ys[None, :] + pad
+    # checker: (x // period + y // period) % 2, the column parities or their complement
+    parity = ys[None, :] // period[checker, None] & 1
+    table[checker, :size], table[checker, size:2 * size] = parity, 1 - parity
+    offsets[checker] = size * parity
+    second = put(table, np.uint8).unfold(1, size, 1)[
+        torch.arange(count, device=device)[:, None], put(offsets, np.int64)]
+    # uint8 arithmetic wraps: first + (second - first) is the second colour, exactly
+    delta = put((colours[:, 1] - colours[:, 0]) % 256, np.uint8).view(count, 3, 1, 1)
+    image = second.view(count, 1, size, size) * delta
+    image += put(colours[:, 0], np.uint8).view(count, 3, 1, 1)
 
-    yy = torch.arange(size, dtype=torch.int32, device=device).view(1, 1, size, 1)
-    xx = torch.arange(size, dtype=torch.int32, device=device).view(1, 1, 1, size)
-    b4 = (count, 1, 1, 1)
-    p = col(period).view(b4)
-    kind = col(texture).view(b4)
-    stripes = torch.div(xx + col(slope).view(b4) * yy, p, rounding_mode="floor") % 2
-    checker = (torch.div(xx, p, rounding_mode="floor") + torch.div(yy, p, rounding_mode="floor")) % 2
-    noise = ((xx % 1021) * (xx % 1021) * 31 + (yy % 1021) * (yy % 1021) * 17
-             + (xx % 1021) * (yy % 1021) * 7 + col(noise_key).view(b4)) % 251
-    second = torch.where(kind == 0, stripes, torch.where(kind == 1, checker, 0))
-    base = col(colours).view(count, 2, 3, 1, 1).to(torch.int16)
-    image = torch.where(second.bool(), base[:, 1], base[:, 0])  # (B, 3, H, W), int16: less traffic
-    image += torch.where(kind == 2, noise % 49 - 24, 0).to(torch.int16)
-    image = image.clamp_(0, 255).to(torch.uint8)
+    noisy = np.flatnonzero(texture == 2)
+    if noisy.size:  # first colour + ((hash(x, y) + key) % 251) % 49 - 24, clamped
+        axis = torch.arange(size, device=device) % 1021
+        hashed = (31 * axis.view(1, size) ** 2 + 17 * axis.view(size, 1) ** 2
+                  + 7 * axis.view(size, 1) * axis.view(1, size)) % 251
+        levels = (np.arange(251)[None, :] + noise_key[noisy, None]) % 251 % 49 - 24
+        lut = np.clip(colours[noisy, 0, :, None] + levels[:, None, :], 0, 255)
+        image[put(noisy, np.int64)] = torch.gather(
+            put(lut, np.uint8), 2, hashed.view(1, 1, -1).expand(noisy.size, 3, -1)
+        ).view(noisy.size, 3, size, size)
 
     metadata: list[dict[str, Any]] = [{"objects": []} for _ in range(count)]
     lo_r, hi_r = max(1, size // 10), max(1, size // 4)
@@ -95,15 +112,17 @@ def render(indices: Sequence[int], *, seed: int, size: int,
         colour = np.stack([pick(first + 4, 0, 255), pick(first + 5, 0, 255),
                            (pick(first + 4, 0, 255) * 7 + 91) % 256], 1)
         active = k < shapes
-        # A radius of -1 makes a mask empty: each slot draws only its own class, if active.
-        radius_of = [np.where(active & (cls == c), radius, -1) for c in range(len(CLASSES))]
-        dx = (xx - col(cx).view(b4)).abs()  # (B, 1, 1, W)
-        dy = yy - col(cy).view(b4)  # (B, 1, H, 1)
-        rc, rs, rt = (col(r).view(b4) for r in radius_of)
-        mask = dx * dx + dy * dy <= torch.where(rc < 0, -1, rc * rc)
-        mask |= (dx <= rs) & (dy.abs() <= rs)
-        mask |= (dy >= -rt) & (dy <= rt) & (2 * dx <= dy + rt)
-        image = torch.where(mask, col(colour).view(count, 3, 1, 1).to(torch.uint8), image)
+        # Each shape is, per row, the pixels with |x - cx| <= half[row] (-1: none):
+        # circle dx^2 + dy^2 <= r^2, square |dy| <= r, triangle 2 dx <= dy + r with |dy| <= r.
+        r = radius[:, None]
+        dy = ys[None, :] - cy[:, None]
+        half = np.select([cls[:, None] == 0, cls[:, None] == 1],
+                         [_isqrt(np.maximum(r * r - dy * dy, 0)), r], (dy + r) // 2)
+        half = np.where(active[:, None] & (np.abs(dy) <= r), half, -1)
+        dx = np.abs(ys[None, :] - cx[:, None])
+        mask = (put(dx, np.int16).view(count, 1, 1, size)
+                <= put(half, np.int16).view(count, 1, size, 1)).view(torch.uint8)
+        image += mask * (put(colour, np.uint8).view(count, 3, 1, 1) - image)
         for i in np.flatnonzero(active):
             box = [max(0, int(cx[i] - radius[i])), max(0, int(cy[i] - radius[i])),
                    min(size, int(cx[i] + radius[i]) + 1), min(size, int(cy[i] + radius[i]) + 1)]
@@ -112,3 +131,11 @@ def render(indices: Sequence[int], *, seed: int, size: int,
         label = CLASSES.index(meta["objects"][0]["class"])
         meta["label"], meta["label_name"] = label, CLASSES[label]
     return image, metadata
+
+
+def _isqrt(values: np.ndarray) -> np.ndarray:
+    """Exact floor(sqrt(v)) of int64 values below 2**52."""
+    root = np.sqrt(values.astype(np.float64)).astype(np.int64)
+    root -= root * root > values
+    root += (root + 1) * (root + 1) <= values
+    return root

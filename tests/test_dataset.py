@@ -158,3 +158,32 @@ def test_torn_last_line_is_ignored_and_foreign_job_refused(tmp_path: Path) -> No
         for batch in sink.pending(5):
             sink.submit(batch, *make(batch))
     assert [e["index"] for e in lines(tmp_path)] == list(range(10))
+
+
+@pytest.mark.parametrize("mode", ["files", "tar"])
+def test_manifest_lines_are_canonical_and_match_the_bytes(tmp_path: Path, mode: str) -> None:
+    """Lines are formatted directly: they must equal what a merge/resume rewrite writes."""
+    from asyncdump._manifest import dumps_line
+
+    def odd(indices: list[int]) -> tuple[torch.Tensor, list[dict]]:
+        images, _ = make(indices)
+        return images, [{"label": f"é{i}", "z": [1.5, None, True], "a": {"ü": i, "c": "x"},
+                         "b": {2: 0, 10: {11: 1, 9: 2}}} for i in indices]
+
+    out = tmp_path / mode
+    write_dataset(odd, out, count=30, batch_size=7, mode=mode, shard_size=10, workers=1)
+    text = (out / "manifest.jsonl").read_text(encoding="utf-8")
+    assert [dumps_line(json.loads(line)) for line in text.splitlines(keepends=True)] == \
+        text.splitlines(keepends=True)
+    entries = lines(out)
+    assert [e["index"] for e in entries] == list(range(30))
+    assert entries[4]["label"] == "é4" and entries[4]["meta"]["b"] == {"2": 0, "10": {"11": 1, "9": 2}}
+    for entry in entries[:12]:
+        if mode == "files":
+            data = (out / entry["path"]).read_bytes()
+        else:
+            tar_name, member = entry["path"].split("/")
+            with tarfile.open(out / tar_name) as tar:
+                data = tar.extractfile(member).read()
+        assert len(data) == entry["bytes"]
+        assert hashlib.sha256(data).hexdigest() == entry["sha256"]

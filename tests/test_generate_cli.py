@@ -148,7 +148,9 @@ def test_kill_9_then_resume_equals_a_clean_run(tmp_path: Path, mode: str) -> Non
     common = ["--count", "2500", "--size", "32", "--mode", mode, "--shard-size", "250",
               "--seed", "11", "--workers", "1"]
     clean, killed = tmp_path / "clean", tmp_path / "killed"
-    seen = _kill_when_durable(["--out", str(killed), *common], killed, 300)
+    # Small batches: lines become durable in small steps and the run lasts long enough to be
+    # killed halfway on a loaded machine (the batch size does not change any byte written).
+    seen = _kill_when_durable(["--out", str(killed), "--batch-size", "20", *common], killed, 300)
     assert 300 <= seen < 2500
     partial = manifest(killed)
     assert len(partial) < 2500 and len({e["index"] for e in partial}) == len(partial)
