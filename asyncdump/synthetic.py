@@ -2,8 +2,10 @@
 
 Every image is a pure function of ``(seed, index)``: per-image parameters come from a
 counter-based hash (splitmix64 of seed, index and a field number, in numpy), and the batch is
-rendered with integer-only torch operations (comparisons, integer products, ``where``), which
-give the same result whatever the batch composition, thread count or device.
+rendered with integer-only torch operations (a gather of per-image row windows into a texture
+table, comparisons with per-row shape half-widths, wrapping uint8 blends), which give the same
+result whatever the batch composition, thread count or device. Small per-image tables are
+computed exactly in numpy; only whole-image operations run on the device.
 
 Metadata per image: ``label`` (class of the first, largest shape), ``label_name``, and
 ``objects``: one ``{"class", "box": [x0, y0, x1, y1]}`` per shape (pixels, x1/y1 exclusive).
