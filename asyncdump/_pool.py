@@ -14,6 +14,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 from pathlib import Path
@@ -71,17 +72,30 @@ def start_worker(buffer_fd: int, buffer_bytes: int) -> WorkerProcess:
     return WorkerProcess(process, conn)
 
 
-def stop_worker(worker: WorkerProcess, timeout: float) -> None:
-    """Ask politely, then SIGTERM (temp files are removed), then SIGKILL; always reap."""
-    with contextlib.suppress(OSError):
-        worker.conn.send(("stop",))
-    for sig in (None, signal.SIGTERM, signal.SIGKILL):
-        if sig is not None:
-            with contextlib.suppress(ProcessLookupError):
-                worker.process.send_signal(sig)
+def stop_workers(workers: list[WorkerProcess], timeout: float, close: bool = True) -> None:
+    """Ask all to stop at once, then SIGTERM (temp files are removed), then SIGKILL; reap all.
+
+    Asking all before waiting for any makes close take one worker's exit time, not the sum.
+    With ``close=False`` their sockets stay open, so reports already sent can still be read.
+    """
+    for worker in workers:
         try:
-            worker.process.wait(timeout=timeout if sig is None else 2.0)
+            worker.conn.send(("stop",))
+        except OSError:
+            pass
+    deadline = time.monotonic() + timeout
+    for sig in (None, signal.SIGTERM, signal.SIGKILL):
+        for worker in workers:
+            if worker.process.poll() is not None:
+                continue
+            if sig is not None:
+                with contextlib.suppress(ProcessLookupError):
+                    worker.process.send_signal(sig)
+            wait = max(0.0, deadline - time.monotonic()) if sig is None else 2.0
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                worker.process.wait(timeout=wait)
+        if all(worker.process.poll() is not None for worker in workers):
             break
-        except subprocess.TimeoutExpired:
-            continue
-    worker.conn.close()
+    if close:
+        for worker in workers:
+            worker.conn.close()

@@ -46,7 +46,7 @@ from ._buffer import SharedBuffer
 from ._codecs import encode_params, get_codec
 from ._errors import AsyncDumpError, BufferFullError, RemoteTraceback, describe_failures
 from ._naming import Namer
-from ._pool import WorkerProcess, start_worker, stop_worker
+from ._pool import WorkerProcess, start_worker, stop_workers
 from ._signals import deferred_sigint
 from ._staging import Batch, Conversion, DeviceStager, copy_to_host, inspect
 from ._stats import Counters, SinkStats
@@ -540,8 +540,7 @@ class AsyncImageSink:
                 self._workers.append(start_worker(self._buffer.fd, self._buffer.mapped_bytes))
         except BaseException as exc:
             self._start_error = exc
-            for worker in self._workers:
-                stop_worker(worker, timeout=2.0)
+            stop_workers(self._workers, timeout=2.0)
             self._workers.clear()
             self._started.set()
             return
@@ -556,10 +555,13 @@ class AsyncImageSink:
                 self._collect()  # broken mode: fail whatever still arrives, until close
         finally:
             abort = self._abort_reason or self._broken
-            if abort is not None:
+            if abort is None:
+                stop_workers(self._workers, timeout=10.0)
+            else:
+                stop_workers(self._workers, timeout=0.0, close=False)
+                for worker in self._workers:  # count what they wrote before they stopped
+                    self._read_last_reports(worker)
                 self._fail_everything(abort)
-            for worker in self._workers:
-                stop_worker(worker, timeout=10.0 if abort is None else 0.0)
 
     def _collect(self) -> None:
         while True:
@@ -580,8 +582,9 @@ class AsyncImageSink:
             while self._probe_requests:
                 self._send_probe(self._probe_requests.popleft())
             if self._broken is not None:  # no more writing: stop workers, fail what is left
+                stop_workers(self._workers, timeout=0.0, close=False)
                 for worker in self._workers:
-                    stop_worker(worker, timeout=0.0)
+                    self._read_last_reports(worker)
                 self._fail_everything(self._broken)
                 self._workers.clear()
             if self._stop.is_set():
@@ -609,6 +612,13 @@ class AsyncImageSink:
                 self._on_worker_death(worker)
                 return
             self._handle(worker, message)
+
+    def _read_last_reports(self, worker: WorkerProcess) -> None:
+        """Handle what a stopped worker sent before it exited, then close its socket."""
+        with contextlib.suppress(EOFError, OSError):
+            while worker.conn.poll():
+                self._handle(worker, worker.conn.recv())
+        worker.conn.close()
 
     def _send_probe(self, request: concurrent.futures.Future[dict[int, list[str]]]) -> None:
         if not self._workers:

@@ -206,4 +206,7 @@ def main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv))
+    code = main(sys.argv)
+    # Every file is closed and reported: skip the interpreter's teardown (about 0.1-0.2 s with
+    # cv2 and numpy loaded), so that close() is quick.
+    os._exit(code)

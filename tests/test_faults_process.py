@@ -108,7 +108,10 @@ def test_second_ctrl_c_aborts_the_final_flush_quickly(tmp_path: Path) -> None:
     assert not no_temp_files(out)
     written = len(list(out.iterdir()))
     lost = int(stderr.split("asyncdump: ")[1].split(" image(s)")[0])
-    assert 0 < written < 200 and lost > 0 and written + lost <= 200
+    assert 0 < written < 200 and lost > 0
+    # Every image is either on disk or counted lost; the one the worker was renaming when it
+    # was stopped may be both (README, "What remains possible").
+    assert 200 <= written + lost <= 200 + 1
 
 
 def test_parent_killed_workers_exit_and_memory_is_freed(tmp_path: Path) -> None:
