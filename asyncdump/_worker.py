@@ -26,6 +26,8 @@ from typing import Any
 import cv2
 import numpy as np
 
+from asyncdump._fsutil import fsync_folder
+
 _PR_SET_PDEATHSIG = 1
 _parent_gone = False
 
@@ -113,14 +115,6 @@ def to_opencv_image(raw: np.ndarray, spec: dict[str, Any]) -> np.ndarray:
     return out[..., 0] if channels == 1 else out
 
 
-def _fsync_folder(folder: str) -> None:
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _write_temp(temp: str, data: np.ndarray, fsync: bool) -> None:
     os.makedirs(os.path.dirname(temp), exist_ok=True)
     try:
@@ -170,7 +164,7 @@ def run_job(conn: Connection, buffer: np.ndarray, job: dict[str, Any]) -> None:
                 _unlink_quietly(temp)
                 raise
             if job["fsync"]:
-                _fsync_folder(os.path.dirname(final))
+                fsync_folder(os.path.dirname(final))
             _report(conn, ("written", job_id, i, int(encoded.size)))
         except (SystemExit, KeyboardInterrupt):
             raise

@@ -45,6 +45,7 @@ from typing import Any, NamedTuple
 from . import _defaults
 from ._codecs import encode_params, get_codec
 from ._errors import AsyncDumpError
+from ._fsutil import fsync_folder
 from ._manifest import (
     DATASET_FILE,
     MANIFEST_FILE,
@@ -564,7 +565,7 @@ class _TarPart:
         self.handle.close()
         os.replace(self.temp, self.final)
         if fsync:
-            _fsync_folder(self.final.parent)
+            fsync_folder(self.final.parent)
 
     def discard(self) -> None:
         self.handle.close()
@@ -617,14 +618,6 @@ def _read_file(path: str) -> bytes:
 
 def _member_bytes(size: int) -> int:
     return _TAR_BLOCK + size + (-size % _TAR_BLOCK)
-
-
-def _fsync_folder(folder: Path) -> None:
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _check_int(name: str, value: Any) -> None:

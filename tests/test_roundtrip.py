@@ -132,3 +132,31 @@ def test_encode_returns_file_bytes_without_writing(root: Path) -> None:
         decoded = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
         np.testing.assert_array_equal(decoded[..., ::-1], batch[i].transpose(1, 2, 0))
     assert not any(root.iterdir())
+
+
+def test_fsync_true_writes_and_syncs_file_and_folder(root: Path, tmp_path: Path) -> None:
+    """With fsync=True each image costs an fsync of its file and one of its folder (strace
+    counts them in the real worker process when strace is installed)."""
+    import shutil
+    import subprocess
+    import sys
+    import textwrap
+
+    script = tmp_path / "fsync_run.py"
+    script.write_text(textwrap.dedent(f"""
+        import numpy as np
+        from asyncdump import AsyncImageSink
+        with AsyncImageSink({str(root)!r}, workers=1, fsync=True) as sink:
+            sink.submit(np.full((3, 3, 8, 8), 7, np.uint8), names=["a", "sub/b", "sub/c"])
+    """))
+    strace = shutil.which("strace")
+    if strace is None:
+        subprocess.run([sys.executable, str(script)], check=True, timeout=60)
+    else:
+        log = tmp_path / "strace.log"
+        subprocess.run([strace, "-f", "-qq", "-e", "trace=fsync,fdatasync", "-o", str(log),
+                        sys.executable, str(script)], check=True, timeout=60)
+        calls = [line for line in log.read_text().splitlines() if "fsync(" in line]
+        assert len(calls) == 6, calls  # 3 files + their folders (one per image)
+    for name in ("a.png", "sub/b.png", "sub/c.png"):
+        assert int(read_rgb(root / name)[0, 0, 0]) == 7
