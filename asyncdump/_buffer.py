@@ -235,10 +235,9 @@ class SharedBuffer:
         self._torch_view = None
         self._array = None
         if self._mm is not None:
-            try:
+            # BufferError: a view is still alive somewhere; the mapping goes with it.
+            with contextlib.suppress(BufferError):
                 self._mm.close()
-            except BufferError:
-                pass  # a view is still alive somewhere; the mapping goes with it
             self._mm = None
         if self.fd >= 0:
             os.close(self.fd)

@@ -513,6 +513,11 @@ class AsyncImageSink:
         )
 
     @property
+    def max_buffer_bytes(self) -> int:
+        """The staging buffer's capacity in bytes."""
+        return self._buffer.capacity_bytes
+
+    @property
     def worker_pids(self) -> list[int]:
         """Process ids of the live workers (for monitoring and tests)."""
         return [w.pid for w in list(self._workers)]

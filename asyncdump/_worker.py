@@ -134,10 +134,9 @@ def _unlink_quietly(path: str) -> None:
 
 
 def _report(conn: Connection, message: tuple[Any, ...]) -> None:
-    try:
+    # OSError: the parent is gone; keep writing what we were given, with nobody to tell.
+    with contextlib.suppress(OSError):
         conn.send(message)
-    except OSError:
-        pass  # the parent is gone: keep writing what we were given, nobody to tell
 
 
 def run_job(conn: Connection, buffer: np.ndarray, job: dict[str, Any]) -> None:

@@ -262,7 +262,7 @@ class _Sinks:
         """The open sink for this key (caller holds ``lock``), created or enlarged as needed."""
         index = (folder, key, suffix)
         sink = self.open.get(index)
-        if sink is not None and sink.stats.max_buffer_bytes < nbytes:
+        if sink is not None and sink.max_buffer_bytes < nbytes:
             del self.open[index]
             self._close_later(sink)
             sink = None
