@@ -20,6 +20,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+import psutil
+
 
 def make_batch(torch: Any, step: int, batch: int, size: int, device: str) -> Any:
     """Smooth, step-dependent images (like samples of a model, not noise)."""
@@ -62,16 +64,18 @@ def run_loop(mode: str, steps: int, step_seconds: float, batch: int, size: int, 
     loop_seconds = time.perf_counter() - began
     stats = None
     drain_seconds = 0.0
-    worker_rss = 0
+    worker_rss = worker_uss = 0
     if sink is not None:
         worker_rss = sink.stats.worker_rss_bytes
+        worker_uss = sum(psutil.Process(pid).memory_full_info().uss for pid in sink.worker_pids)
         drained = time.perf_counter()
         sink.close()
         drain_seconds = time.perf_counter() - drained
         stats = sink.stats
     written = sum(1 for p in folder.iterdir() if p.suffix == ".png")
     return {"mode": mode, "loop_seconds": loop_seconds, "drain_seconds": drain_seconds,
-            "written": written, "stats": stats, "worker_rss": worker_rss}
+            "written": written, "stats": stats, "worker_rss": worker_rss,
+            "worker_uss": worker_uss}
 
 
 def run(args: argparse.Namespace) -> int:
@@ -95,7 +99,10 @@ def run(args: argparse.Namespace) -> int:
     print("asyncdump stats after close:")
     for key, value in dataclasses.asdict(results[-1]["stats"]).items():
         print(f"  {key:<20} {value:.4g}" if isinstance(value, float) else f"  {key:<20} {value}")
-    print(f"  worker RSS before close: {results[-1]['worker_rss'] / 2**20:.1f} MiB (all workers)")
+    last = results[-1]
+    print(f"  workers before close: RSS {last['worker_rss'] / 2**20:.1f} MiB, of which private "
+          f"(USS) {last['worker_uss'] / 2**20:.1f} MiB; the rest is shared: the staging buffer's "
+          "pages they read and shared libraries")
     expected = args.steps * args.batch
     ok = all(r["written"] == expected for r in results[1:])
     print()
