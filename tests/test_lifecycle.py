@@ -153,3 +153,21 @@ def test_on_error_warn_and_callable(root: Path) -> None:
         sink.submit(IMG[:1], names=["blocker/y"])
         sink.flush()
     assert len(seen) == 1 and "blocker" in str(seen[0])
+
+
+def test_flush_and_close_time_out_then_close_frees_everything(root: Path) -> None:
+    slow = np.random.default_rng(0).integers(0, 256, (8, 3, 1024, 1024), dtype=np.uint8)
+    sink = AsyncImageSink(root, workers=1, quality=9)  # ~0.5 s of encoding per image
+    pids = sink.worker_pids
+    future = sink.submit(slow)
+    with pytest.raises(TimeoutError, match=r"not written after 0\.05 s"):
+        sink.flush(timeout=0.05)
+    with pytest.warns(RuntimeWarning, match=r"image\(s\) were not written"), \
+            pytest.raises(TimeoutError):
+        sink.close(timeout=0.05)
+    assert future.done() and future.exception() is not None  # failed, not left hanging
+    stats = sink.stats
+    assert stats.written + stats.failed == 8 and stats.failed > 0
+    for pid in pids:
+        assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    assert not [p for p in root.iterdir() if p.name.startswith(".")]
