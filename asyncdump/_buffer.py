@@ -113,11 +113,18 @@ class SharedBuffer:
             populated += length
 
     # -- space -----------------------------------------------------------------------------
-    def _take(self, nbytes: int) -> int | None:
+    def _first_fit(self, nbytes: int) -> int | None:
+        """Index of the lowest free extent that holds ``nbytes`` once aligned, or None."""
         for i, (start, end) in enumerate(zip(self._starts, self._ends, strict=True)):
+            if _round_up(start, ALIGNMENT) + nbytes <= end:
+                return i
+        return None
+
+    def _take(self, nbytes: int) -> int | None:
+        i = self._first_fit(nbytes)
+        if i is not None:
+            start, end = self._starts[i], self._ends[i]
             offset = _round_up(start, ALIGNMENT)
-            if offset + nbytes > end:
-                continue
             # Split [start, end) into [start, offset) + reserved + [offset + nbytes, end).
             del self._starts[i], self._ends[i]
             if offset + nbytes < end:
@@ -151,18 +158,14 @@ class SharedBuffer:
         if nbytes > self.capacity_bytes:
             raise ValueError(f"{nbytes} bytes can never fit a {self.capacity_bytes}-byte buffer")
         with self._cond:
-            if self._fits(nbytes):
+            if self._first_fit(nbytes) is not None:
                 return 0.0
             began = time.perf_counter()
-            while not self._fits(nbytes):
+            while self._first_fit(nbytes) is None:
                 if check is not None:
                     check()
                 self._cond.wait(timeout=0.5)
             return time.perf_counter() - began
-
-    def _fits(self, nbytes: int) -> bool:
-        return any(_round_up(start, ALIGNMENT) + nbytes <= end
-                   for start, end in zip(self._starts, self._ends, strict=True))
 
     def release(self, offset: int, nbytes: int) -> None:
         """Give ``[offset, offset + nbytes)`` back; neighbours coalesce."""

@@ -48,7 +48,7 @@ from ._errors import AsyncDumpError, BufferFullError, RemoteTraceback, describe_
 from ._naming import Namer
 from ._pool import WorkerProcess, start_worker, stop_workers
 from ._signals import deferred_sigint
-from ._staging import Batch, Conversion, DeviceStager, copy_to_host, inspect
+from ._staging import FLOAT_DTYPES, Batch, Conversion, DeviceStager, copy_to_host, inspect
 from ._stats import Counters, SinkStats
 
 PENDING, ENCODED, DONE = 0, 1, 2
@@ -176,6 +176,7 @@ class AsyncImageSink:
         self._start_failures = 0  # consecutive workers that died before saying "ready"
         self._restart_seconds: list[float] = []  # death noticed -> replacement "ready"
         self._device_stager = DeviceStager(self._conversion)
+        self._conversions: dict[int, dict[str, Any]] = {}  # channels -> worker parameters
         self._events: queue.Queue[tuple[list[_Job], Any] | None] | None = None
         self._probe_requests: deque[concurrent.futures.Future[dict[int, list[str]]]] = deque()
         self._probes: dict[int, tuple[concurrent.futures.Future[dict[int, list[str]]],
@@ -238,10 +239,9 @@ class AsyncImageSink:
             raise ValueError(f"one image is {batch.image_bytes} bytes, more than max_buffer_bytes="
                              f"{self._buffer.capacity_bytes}; raise max_buffer_bytes")
         spec = batch.spec
-        if not batch.on_cuda and batch.dtype in ("float16", "bfloat16", "float32", "float64"):
-            spec["conversion"] = self._conversion.for_channels(batch.channels)
-        elif batch.on_cuda:
-            self._conversion.for_channels(batch.channels)  # validates mean/std length
+        conversion = self._conversion_for(batch.channels)  # also validates mean/std length
+        if not batch.on_cuda and batch.dtype in FLOAT_DTYPES:
+            spec["conversion"] = conversion
         if batch.count == 0:
             done: concurrent.futures.Future[list[Path]] = concurrent.futures.Future()
             done.set_result([])
@@ -260,36 +260,40 @@ class AsyncImageSink:
             while staged < batch.count:
                 count = min(per_part, batch.count - staged)
                 nbytes = count * batch.image_bytes
-                # Only the first part may be dropped/refused; later parts of an over-sized
-                # batch wait for space, since the batch is already promised.
-                blocking = self.on_full == "block" or staged > 0
-                if blocking:  # interruptible, changes nothing
-                    self._counters.blocked_seconds += self._buffer.wait_for_space(
-                        nbytes, check=self._check_usable)
                 with deferred_sigint():  # reserve..hand-over is all or nothing
                     offset = self._buffer.try_reserve(nbytes)
-                    if offset is None:
-                        if blocking:
-                            continue  # another thread took the space first
+                    if offset is not None:
+                        try:
+                            jobs, event = self._stage(batch, record, static, staged, count, offset)
+                        except BaseException:
+                            self._buffer.release(offset, nbytes)
+                            raise
+                        if staged == 0:
+                            self._accept(record, names, encode_only)
+                        if event is None:
+                            self._hand_over(jobs)
+                        else:
+                            assert self._events is not None
+                            self._events.put((jobs, event))
+                        staged += count
+                if offset is None:
+                    # Only the first part may be dropped/refused; later parts of an over-sized
+                    # batch wait for space, since the batch is already promised.
+                    if self.on_full != "block" and staged == 0:
                         return self._refuse(batch.count)
-                    try:
-                        jobs, event = self._stage(batch, record, static, staged, count, offset)
-                    except BaseException:
-                        self._buffer.release(offset, nbytes)
-                        raise
-                    if staged == 0:
-                        self._accept(record, names, encode_only)
-                    if event is None:
-                        self._hand_over(jobs)
-                    else:
-                        assert self._events is not None
-                        self._events.put((jobs, event))
-                    staged += count
+                    self._counters.blocked_seconds += self._buffer.wait_for_space(
+                        nbytes, check=self._check_usable)  # interruptible, changes nothing
         except BaseException as exc:
             if staged:  # part of the batch is promised already: account for the rest
                 self._fail_unstaged(record, staged, exc)
             raise
         return record.future
+
+    def _conversion_for(self, channels: int) -> dict[str, Any]:
+        """The rule's parameters for ``channels``, built once per channel count."""
+        if channels not in self._conversions:
+            self._conversions[channels] = self._conversion.for_channels(channels)
+        return self._conversions[channels]
 
     def _accept(self, record: _BatchRecord, names: Sequence[str] | None, encode_only: bool) -> None:
         if not encode_only:
@@ -606,23 +610,26 @@ class AsyncImageSink:
             self._dispatch()
 
     def _drain(self, worker: WorkerProcess) -> None:
+        """Handle every report a live worker has sent; EOF means it died."""
         if worker not in self._workers:
             return  # died earlier in this round
+        if not self._handle_reports(worker):
+            self._on_worker_death(worker)
+
+    def _handle_reports(self, worker: WorkerProcess) -> bool:
+        """Handle what is readable now; False once the worker's socket is at EOF."""
         while True:
             try:
                 if not worker.conn.poll():
-                    return
+                    return True
                 message = worker.conn.recv()
             except (EOFError, OSError):
-                self._on_worker_death(worker)
-                return
+                return False
             self._handle(worker, message)
 
     def _read_last_reports(self, worker: WorkerProcess) -> None:
         """Handle what a stopped worker sent before it exited, then close its socket."""
-        with contextlib.suppress(EOFError, OSError):
-            while worker.conn.poll():
-                self._handle(worker, worker.conn.recv())
+        self._handle_reports(worker)
         worker.conn.close()
 
     def _send_probe(self, request: concurrent.futures.Future[dict[int, list[str]]]) -> None:
