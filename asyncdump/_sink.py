@@ -44,6 +44,7 @@ from typing import Any
 from . import _defaults
 from ._buffer import SharedBuffer
 from ._codecs import encode_params, get_codec
+from ._encoders import FPNG, check_png_encoder, encoder_for
 from ._errors import AsyncDumpError, BufferFullError, RemoteTraceback, describe_failures
 from ._naming import Namer
 from ._pool import WorkerProcess, start_worker, stop_workers
@@ -65,15 +66,17 @@ _open_sinks: weakref.WeakSet[AsyncImageSink] = weakref.WeakSet()
 class _BatchRecord:
     """One submit call's promise: its Future resolves when ``remaining`` reaches 0."""
 
-    __slots__ = ("encoded", "failures", "future", "paths", "remaining")
+    __slots__ = ("digest", "failures", "future", "paths", "remaining", "results")
 
-    def __init__(self, paths: list[str], encode_only: bool = False):
+    def __init__(self, paths: list[str], encode_only: bool = False, digest: bool = False):
         self.future: concurrent.futures.Future[Any] = concurrent.futures.Future()
         self.future.set_running_or_notify_cancel()  # a caller's cancel() cannot race a result
         self.paths = paths
         self.remaining = len(paths)
         self.failures: list[tuple[Path, BaseException]] = []
-        self.encoded: list[bytes] | None = [b""] * len(paths) if encode_only else None
+        # encode_only: the file bytes; digest: (bytes, sha256) or, when written, (sha256, nbytes)
+        self.results: list[Any] | None = [None] * len(paths) if encode_only or digest else None
+        self.digest = digest
 
 
 class _Job:
@@ -123,6 +126,7 @@ class AsyncImageSink:
         fsync: bool = False,
         overwrite: bool = False,
         extension: str | None = None,
+        png_encoder: str = "auto",
     ):
         self._closed = True  # until fully started: close()/__del__ have nothing to do
         if workers is None:
@@ -133,6 +137,7 @@ class AsyncImageSink:
         self._params = encode_params(codec, quality)
         self._extension = codec.extension
         self._codec = codec
+        self._png_setting = check_png_encoder(png_encoder, codec, quality)
         self._conversion = _conversion(value_range, mean, std)
         if on_full not in ON_FULL:
             raise ValueError(f"on_full must be one of {ON_FULL}, got {on_full!r}")
@@ -231,7 +236,10 @@ class AsyncImageSink:
             self._counters.submit_seconds += time.perf_counter() - began
 
     def _submit(self, images: Any, step: int | None, names: Sequence[str] | None,
-                fields: dict[str, Any], encode_only: bool = False) -> concurrent.futures.Future[Any]:
+                fields: dict[str, Any], encode_only: bool = False,
+                digest: bool = False) -> concurrent.futures.Future[Any]:
+        """``digest``: workers also hash each file (sha256); the Future then gives
+        ``(bytes, sha256)`` per image (``encode_only``) or ``(sha256, nbytes)`` (for DatasetSink)."""
         self._check_usable()
         self._deliver_failures(raise_now=True)
         batch = inspect(images, self._codec)
@@ -239,6 +247,7 @@ class AsyncImageSink:
             raise ValueError(f"one image is {batch.image_bytes} bytes, more than max_buffer_bytes="
                              f"{self._buffer.capacity_bytes}; raise max_buffer_bytes")
         spec = batch.spec
+        spec["encoder"] = encoder_for(self._png_setting, self._codec, batch.dtype, batch.channels)
         conversion = self._conversion_for(batch.channels)  # also validates mean/std length
         if not batch.on_cuda and batch.dtype in FLOAT_DTYPES:
             spec["conversion"] = conversion
@@ -252,8 +261,8 @@ class AsyncImageSink:
             paths = self._namer.paths(batch.count, start_index=self._next_index, step=step,
                                       names=names, fields=fields)
         static = {"spec": spec, "image_bytes": batch.image_bytes, "ext": self._extension,
-                  "params": self._params, "fsync": self.fsync, "return_bytes": encode_only}
-        record = _BatchRecord(paths, encode_only)
+                  "params": self._params, "fsync": self.fsync, "return_bytes": encode_only, "sha256": digest}
+        record = _BatchRecord(paths, encode_only, digest)
         per_part = max(1, min(batch.count, self._buffer.capacity_bytes // batch.image_bytes))
         staged = 0
         try:
@@ -325,7 +334,8 @@ class AsyncImageSink:
         nbytes = count * batch.image_bytes
         if batch.on_cuda:
             self._ensure_event_thread()
-            converted = self._device_stager.to_uint8_bgr_hwc(batch, start, start + count)
+            converted = self._device_stager.to_uint8_hwc(
+                batch, start, start + count, rgb=static["spec"]["encoder"] == FPNG)
             self._pin_once(converted.device)
             destination = self._buffer.torch_view(offset, nbytes)
             destination.view(converted.dtype).view(converted.shape).copy_(converted,
@@ -664,10 +674,12 @@ class AsyncImageSink:
             job.states[index] = ENCODED
             return
         if kind == "written":
+            if job.batch.results is not None:
+                job.batch.results[index] = (message[4], message[3])
             self._finish_image(job, index, nbytes=message[3])
         elif kind == "bytes":
-            assert job.batch.encoded is not None
-            job.batch.encoded[index] = message[3]
+            assert job.batch.results is not None
+            job.batch.results[index] = (message[3], message[4]) if job.batch.digest else message[3]
             self._finish_image(job, index, nbytes=len(message[3]))
         else:
             _, _, _, err, text, remote = message
@@ -705,8 +717,8 @@ class AsyncImageSink:
                 self._unfinished.discard(record)
             if record.failures:
                 record.future.set_exception(_failure_error(record.failures))
-            elif record.encoded is not None:
-                record.future.set_result(record.encoded)
+            elif record.results is not None:
+                record.future.set_result(record.results)
             else:
                 record.future.set_result([Path(p) for p in record.paths])
 

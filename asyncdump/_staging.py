@@ -6,7 +6,8 @@ reach ``submit`` if the caller already imported torch, so ``sys.modules`` has it
     numpy array / CPU tensor   one copy of the raw values into the buffer (numpy's single-
                                threaded copy: torch's threaded ``copy_`` wakes its pool on every
                                call and steals the workers' cores); the worker converts.
-    CUDA tensor                converted on the GPU to uint8 (or uint16) HWC in BGR order, then
+    CUDA tensor                converted on the GPU to uint8 (or uint16) HWC in the encoder's
+                               channel order (RGB for fpng, BGR for OpenCV), then
                                ``copy_(non_blocking=True)`` into the page-locked buffer and an
                                event recorded on the current stream: no host synchronisation.
 """
@@ -170,9 +171,15 @@ class DeviceStager:
     def __init__(self, conversion: Conversion):
         self.conversion = conversion
         self._affine: dict[tuple[str, int], tuple[Any, Any]] = {}
+        self._orders: dict[tuple[str, int], Any] = {}  # BGR(A) channel index per device
 
     def to_uint8_bgr_hwc(self, batch: Batch, start: int, stop: int) -> Any:
         """Images ``start:stop`` as a contiguous uint8 (or uint16) NHWC BGR(A) tensor."""
+        return self.to_uint8_hwc(batch, start, stop, rgb=False)
+
+    def to_uint8_hwc(self, batch: Batch, start: int, stop: int, rgb: bool) -> Any:
+        """Images ``start:stop`` as a contiguous uint8 (or uint16) NHWC tensor in the encoder's
+        order: RGB(A) for fpng (``rgb``), BGR(A) for OpenCV. One permute-copy, no reorder pass."""
         torch = _torch_module()
         x = batch.source[start:stop]
         if x.dtype.is_floating_point:
@@ -187,11 +194,19 @@ class DeviceStager:
             x = torch.nan_to_num_(x, nan=0.0).to(torch.uint8)
         elif x.dtype == torch.bool:
             x = x.to(torch.uint8).mul_(255)
-        if batch.channels == 3:
-            x = x.flip(1)
-        elif batch.channels == 4:
-            x = torch.cat((x[:, :3].flip(1), x[:, 3:]), dim=1)
-        return x.permute(0, 2, 3, 1).contiguous()
+        hwc = x.permute(0, 2, 3, 1)
+        if rgb or batch.channels == 1:
+            return hwc.contiguous()
+        order = self._bgr_index(x.device, batch.channels)
+        return hwc.index_select(3, order).contiguous()  # one gather: layout and order at once
+
+    def _bgr_index(self, device: Any, channels: int) -> Any:
+        key = (str(device), channels)
+        if key not in self._orders:
+            torch = _torch_module()
+            order = [2, 1, 0] if channels == 3 else [2, 1, 0, 3]
+            self._orders[key] = torch.tensor(order, device=device)
+        return self._orders[key]
 
     def _device_affine(self, device: Any, channels: int) -> tuple[Any, Any]:
         key = (str(device), channels)

@@ -1,20 +1,23 @@
 """A worker process: view pixels in the shared buffer, convert, encode, write atomically.
 
 Started by the pool as ``python -m asyncdump._worker SOCKET_FD BUFFER_FD BUFFER_BYTES``.
-Imports numpy and cv2 only, never torch (a test checks ``sys.modules``).
+Imports numpy and cv2 (and fpng on first use), never torch (a test checks ``sys.modules``).
 
 Once started: ("ready", pid, 0). Per image, the messages home are:
     ("encoded", job, i)                  the complete temp file is on disk: pixels may be reused
-    ("written", job, i, nbytes)          renamed to its final name (and fsynced if asked)
+    ("written", job, i, nbytes, sha256)  renamed to its final name (and fsynced if asked)
     ("failed", job, i, errno, message, traceback)
 or, for encode-only jobs (``sink.encode``), just
-    ("bytes", job, i, encoded_file_bytes)
+    ("bytes", job, i, encoded_file_bytes, sha256)
+sha256 is the file's hex digest when the job asks for it (``"sha256": True``), else None.
+The spec's "encoder" picks fpng (8-bit RGB/RGBA PNG, RGB order) or OpenCV (BGR order).
 """
 
 from __future__ import annotations
 
 import contextlib
 import ctypes
+import hashlib
 import mmap
 import os
 import signal
@@ -26,7 +29,10 @@ from typing import Any
 import cv2
 import numpy as np
 
+from asyncdump._convert import to_image, to_opencv_image
 from asyncdump._fsutil import fsync_folder
+
+__all__ = ["main", "run_job", "to_opencv_image"]
 
 _PR_SET_PDEATHSIG = 1
 _parent_gone = False
@@ -58,68 +64,11 @@ def _install_signals(parent_pid: int) -> None:
         _on_parent_death(signal.SIGUSR1, None)
 
 
-_BGR_ORDER = {1: [0], 3: [2, 1, 0], 4: [2, 1, 0, 3]}
-
-
-def _to_bgr(dst: np.ndarray, src_hwc: np.ndarray) -> None:
-    """Copy an RGB(A)/gray HWC view into ``dst`` in OpenCV's BGR(A) order (casting as needed)."""
-    channels = src_hwc.shape[2]
-    if channels == 1:
-        dst[...] = src_hwc
-        return
-    dst[..., :3] = src_hwc[..., 2::-1]
-    if channels == 4:
-        dst[..., 3] = src_hwc[..., 3]
-
-
-def to_opencv_image(raw: np.ndarray, spec: dict[str, Any]) -> np.ndarray:
-    """Turn one image's raw bytes from the buffer into what ``cv2.imencode`` takes."""
-    channels, height, width = spec["chw"]
-    dtype = spec["dtype"]
-    if spec["converted"]:  # staged on the GPU: already uint8/uint16 HWC in BGR order
-        img = raw.view(dtype).reshape(height, width, channels)
-        return img[..., 0] if channels == 1 else img
-    storage = "uint16" if dtype == "bfloat16" else dtype
-    values = raw.view(storage)
-    if spec["layout"] == "nchw":
-        hwc = values.reshape(channels, height, width).transpose(1, 2, 0)
-    else:
-        hwc = values.reshape(height, width, channels)
-
-    if dtype in ("uint8", "uint16", "bool"):
-        out = np.empty((height, width, channels), np.uint16 if dtype == "uint16" else np.uint8)
-        _to_bgr(out, hwc.view(np.uint8) if dtype == "bool" else hwc)
-        if dtype == "bool":
-            np.multiply(out, 255, out=out)
-        return out[..., 0] if channels == 1 else out
-
-    if dtype == "bfloat16":  # bf16 is the top half of a float32
-        hwc = (hwc.astype(np.uint32) << 16).view(np.float32)
-    y = np.empty((height, width, channels), np.float32)
-    _to_bgr(y, hwc)
-    conv = spec["conversion"]
-    order = _BGR_ORDER[channels]
-    if conv["std"] is not None:
-        y *= np.asarray(conv["std"], np.float32)[order]
-        y += np.asarray(conv["mean"], np.float32)[order]
-    lo, hi = conv["value_range"]
-    if (lo, hi) != (0.0, 1.0):  # for (0, 1) the clamp and scale below are exact no-ops
-        np.clip(y, lo, hi, out=y)
-        y -= np.float32(lo)
-        y /= np.float32(max(hi - lo, 1e-5))  # in double first, as torchvision computes it
-    y *= np.float32(255.0)
-    y += np.float32(0.5)
-    np.fmax(y, np.float32(0.0), out=y)  # fmax/fmin clamp to 0..255 and turn NaN into 0
-    np.fmin(y, np.float32(255.0), out=y)
-    out = y.astype(np.uint8)  # truncation of a value >= 0: round half up overall
-    return out[..., 0] if channels == 1 else out
-
-
-def _write_temp(temp: str, data: np.ndarray, fsync: bool) -> None:
+def _write_temp(temp: str, data: memoryview, fsync: bool) -> None:
     os.makedirs(os.path.dirname(temp), exist_ok=True)
     try:
         with open(temp, "wb") as handle:
-            handle.write(data.data)  # imencode returns one contiguous uint8 array
+            handle.write(data)
             if fsync:
                 handle.flush()
                 os.fsync(handle.fileno())
@@ -139,6 +88,31 @@ def _report(conn: Connection, message: tuple[Any, ...]) -> None:
         conn.send(message)
 
 
+def _encode(img: np.ndarray, job: dict[str, Any], params: list[int]) -> Any:
+    """The encoded file as a buffer (``bytes`` from fpng, a uint8 array from OpenCV)."""
+    if job["spec"].get("encoder") == "fpng":
+        data = _fpng().from_ndarray(img)
+        if not data:
+            raise RuntimeError(f"fpng returned no bytes for a {img.dtype} image of shape {img.shape}")
+        return data
+    ok, encoded = cv2.imencode(job["ext"], img, params)
+    if not ok:
+        raise RuntimeError(f"cv2.imencode({job['ext']!r}) returned False")
+    return encoded
+
+
+_fpng_module: Any = None
+
+
+def _fpng() -> Any:
+    global _fpng_module
+    if _fpng_module is None:  # imported on first use: workers of OpenCV-only sinks never load it
+        import fpng
+
+        _fpng_module = fpng
+    return _fpng_module
+
+
 def run_job(conn: Connection, buffer: np.ndarray, job: dict[str, Any]) -> None:
     """Encode and write every image of one job, reporting each step home."""
     job_id = job["id"]
@@ -146,14 +120,15 @@ def run_job(conn: Connection, buffer: np.ndarray, job: dict[str, Any]) -> None:
     for flag, value in job["params"]:
         params += [int(getattr(cv2, flag)), int(value)]
     nbytes = job["image_bytes"]
+    rgb = job["spec"].get("encoder") == "fpng"
+    digest = job.get("sha256", False)
     for i, final, temp, offset in job["items"]:
         try:
-            img = to_opencv_image(buffer[offset: offset + nbytes], job["spec"])
-            ok, encoded = cv2.imencode(job["ext"], img, params)
-            if not ok:
-                raise RuntimeError(f"cv2.imencode({job['ext']!r}) returned False")
+            img = to_image(buffer[offset: offset + nbytes], job["spec"], rgb=rgb)
+            encoded = memoryview(_encode(img, job, params)).cast("B")
+            sha = hashlib.sha256(encoded).hexdigest() if digest else None
             if job["return_bytes"]:
-                _report(conn, ("bytes", job_id, i, encoded.tobytes()))
+                _report(conn, ("bytes", job_id, i, encoded.tobytes(), sha))
                 continue
             _write_temp(temp, encoded, job["fsync"])
             _report(conn, ("encoded", job_id, i))
@@ -164,7 +139,7 @@ def run_job(conn: Connection, buffer: np.ndarray, job: dict[str, Any]) -> None:
                 raise
             if job["fsync"]:
                 fsync_folder(os.path.dirname(final))
-            _report(conn, ("written", job_id, i, int(encoded.size)))
+            _report(conn, ("written", job_id, i, encoded.nbytes, sha))
         except (SystemExit, KeyboardInterrupt):
             raise
         except BaseException as exc:
