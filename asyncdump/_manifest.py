@@ -75,11 +75,14 @@ class Layout:
 
 
 def job_record(layout: Layout, fmt: str, quality: int | None, shard_bytes: int | None,
-               job: dict[str, Any]) -> dict[str, Any]:
-    """What ``dataset.json`` holds: everything that decides the bytes of the output."""
+               job: dict[str, Any], png_encoder: str = "opencv") -> dict[str, Any]:
+    """What ``dataset.json`` holds: everything that decides the bytes of the output.
+
+    ``png_encoder`` is the resolved encoder setting ("fpng" or "opencv"), not "auto": the
+    same setting gives the same bytes."""
     return {"asyncdump_dataset": LAYOUT_VERSION, "count": layout.count, "format": fmt,
             "quality": quality, "mode": layout.mode, "shard_size": layout.shard_size,
-            "shard_bytes": shard_bytes, "job": job}
+            "shard_bytes": shard_bytes, "png_encoder": png_encoder, "job": job}
 
 
 def dumps_line(entry: dict[str, Any]) -> str:
@@ -135,11 +138,16 @@ def check_job(root: Path, record: dict[str, Any]) -> None:
     if not isinstance(stored, dict) or stored.get("asyncdump_dataset") != LAYOUT_VERSION:
         raise DatasetError(f"{path} is not an asyncdump dataset description; refusing to resume")
     record = json.loads(json.dumps(record))  # tuples -> lists, as stored
+    stored.setdefault("png_encoder", "opencv")  # written before the choice existed: OpenCV
     differ = sorted(k for k in set(stored) | set(record) if stored.get(k) != record.get(k))
     if differ:
         detail = ", ".join(f"{k}: stored {stored.get(k)!r}, asked {record.get(k)!r}" for k in differ)
+        hint = ""
+        if "png_encoder" in differ:
+            hint = (f" (its images were encoded with {stored['png_encoder']!r}: pass "
+                    f"png_encoder={stored['png_encoder']!r} / --png-encoder {stored['png_encoder']})")
         raise DatasetError(f"{root} holds a different job ({detail}); resume needs the same "
-                           "parameters, or use a new output folder")
+                           f"parameters, or use a new output folder{hint}")
 
 
 def read_manifests(root: Path, count: int) -> dict[int, dict[str, Any]]:

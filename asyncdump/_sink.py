@@ -235,6 +235,16 @@ class AsyncImageSink:
         finally:
             self._counters.submit_seconds += time.perf_counter() - began
 
+    def _submit_digest(self, images: Any, names: Sequence[str] | None) -> concurrent.futures.Future[Any]:
+        """For DatasetSink: ``submit(names=...)`` (or ``encode`` when ``names`` is None) whose
+        workers also hash each file; the Future gives ``(sha256, nbytes)`` per written image
+        (None for one a replacement of a dead worker finished) or ``(bytes, sha256)``."""
+        began = time.perf_counter()
+        try:
+            return self._submit(images, None, names, {}, encode_only=names is None, digest=True)
+        finally:
+            self._counters.submit_seconds += time.perf_counter() - began
+
     def _submit(self, images: Any, step: int | None, names: Sequence[str] | None,
                 fields: dict[str, Any], encode_only: bool = False,
                 digest: bool = False) -> concurrent.futures.Future[Any]:

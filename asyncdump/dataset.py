@@ -10,9 +10,9 @@ The path of one batch:
     caller thread:   submit -> AsyncImageSink.submit(names=...) (files) or .encode() (tar)
                      -> (future, indices, metadata) on a bounded queue
     committer thread (one per DatasetSink; owns the manifest, the open tar part, the counts):
-        files: wait for the batch's future (files renamed into place), read each file back
-               (page cache) for its sha256, append the batch's manifest lines
-        tar:   wait for the encoded bytes, append ``key.<ext>`` + ``key.json`` members to the
+        files: wait for the batch's future (files renamed into place, each with the sha256 its
+               worker computed from the bytes it wrote), append the batch's manifest lines
+        tar:   wait for the encoded bytes and their sha256 (hashed in the worker), append ``key.<ext>`` + ``key.json`` members to the
                hidden ``.shard-N.tar.tmp``; when the shard (or a part of ``shard_bytes``) is
                complete: close, rename to ``shard-N.tar``, then append its manifest lines
     close:   flush everything, then the manifest is rewritten sorted by index (one rank), or
@@ -44,6 +44,7 @@ from typing import Any, NamedTuple
 
 from . import _defaults
 from ._codecs import encode_params, get_codec
+from ._encoders import check_png_encoder
 from ._errors import AsyncDumpError
 from ._fsutil import fsync_folder
 from ._manifest import (
@@ -156,7 +157,9 @@ class DatasetSink:
     Args:
         root: output folder (created if missing).
         count: number of images in the whole dataset (all ranks together).
-        format, quality, workers, max_buffer_bytes, fsync: as for ``AsyncImageSink``.
+        format, quality, workers, max_buffer_bytes, fsync, png_encoder: as for
+            ``AsyncImageSink``; the resolved encoder is recorded in ``dataset.json`` and a
+            resume with a different one is refused (the bytes would differ).
         mode: ``"files"`` (one file per image in sub-folders of ``shard_size`` files) or
             ``"tar"`` (WebDataset-style shards of ``shard_size`` images).
         shard_bytes: tar mode: also start a new part of a shard before it would exceed this.
@@ -183,6 +186,7 @@ class DatasetSink:
         fsync: bool = False,
         progress: bool = False,
         max_buffer_bytes: int | None = None,
+        png_encoder: str = "auto",
     ):
         self._closed = True
         _check_int("count", count)
@@ -193,6 +197,7 @@ class DatasetSink:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
         codec = get_codec(format)
         encode_params(codec, quality)
+        self.png_encoder = check_png_encoder(png_encoder, codec, quality)
         self.root = Path(os.path.abspath(os.fspath(root)))
         self.mode = mode
         self.fsync = bool(fsync)
@@ -202,7 +207,7 @@ class DatasetSink:
         self._shard_bytes = shard_bytes if mode == "tar" else None
         try:
             record = job_record(self.layout, self._format, quality, self._shard_bytes,
-                                json.loads(json.dumps(job or {})))
+                                json.loads(json.dumps(job or {})), self.png_encoder)
         except (TypeError, ValueError) as exc:
             raise TypeError(f"job must be JSON-serialisable: {exc}") from None
         self._ranks = _Ranks()
@@ -251,7 +256,7 @@ class DatasetSink:
             workers = max(1, min(per_rank - 1, _defaults.MAX_DEFAULT_WORKERS))
         self._sink = AsyncImageSink(self.root, workers=workers, format=format, quality=quality,
                                     on_error="ignore", fsync=fsync, overwrite=True,
-                                    max_buffer_bytes=max_buffer_bytes)
+                                    max_buffer_bytes=max_buffer_bytes, png_encoder=self.png_encoder)
         self._manifest_fd = os.open(self._manifest_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT,
                                     0o644)
         self._bar: Any = None
@@ -342,9 +347,9 @@ class DatasetSink:
         metas = self._metadata(metadata, count)
         future: concurrent.futures.Future[Any]
         if self.mode == "files":
-            future = self._sink.submit(images, names=[self.layout.file_name(i) for i in indices])
+            future = self._sink._submit_digest(images, [self.layout.file_name(i) for i in indices])
         else:
-            future = self._sink.encode(images)
+            future = self._sink._submit_digest(images, None)
         _, channels, height, width = shape
         self._pos += count
         self._queue.put((future, indices, metas, f"[{height},{width},{channels}]"))
@@ -397,12 +402,12 @@ class DatasetSink:
                 self._bar.update(len(indices))
         self._abort_part()  # a part still open here is incomplete (the run stopped early)
 
-    def _line(self, index: int, path: str, data: bytes, meta: _Meta, shape: str,
+    def _line(self, index: int, path: str, sha256: str, size: int, meta: _Meta, shape: str,
               offset: str = "") -> str:
         """``dumps_line`` of the entry, formatted directly (a test pins the equality)."""
-        return (f'{{"bytes":{len(data)},"format":{self._format_json},"index":{index},'
+        return (f'{{"bytes":{size},"format":{self._format_json},"index":{index},'
                 f'"label":{meta.label},"meta":{meta.extra},{offset}"path":"{path}",'
-                f'"sha256":"{hashlib.sha256(data).hexdigest()}","shape":{shape}}}\n')
+                f'"sha256":"{sha256}","shape":{shape}}}\n')
 
     def _append(self, indices: list[int], lines: list[str]) -> None:
         self._in_order &= indices[0] > self._last_index  # each batch/part is in index order
@@ -412,31 +417,34 @@ class DatasetSink:
             os.fsync(self._manifest_fd)
 
     def _commit_files(self, indices: list[int], metas: list[_Meta], shape: str,
-                      result: list[Path] | None, failed: set[Path]) -> None:
+                      result: list[tuple[str, int] | None] | None, failed: set[Path]) -> None:
         done, lines = [], []
         prefix = str(self.root) + os.sep
-        for index, meta in zip(indices, metas, strict=True):
+        for k, (index, meta) in enumerate(zip(indices, metas, strict=True)):
             name = self.layout.file_name(index) + self.layout.extension
             if result is None and (not failed or Path(prefix + name) in failed):
                 self._failed += 1
                 continue
-            data = _read_file(prefix + name)
+            digest = result[k] if result is not None else None
+            if digest is None:  # a batch with failures, or a file a dead worker left: read it
+                data = _read_file(prefix + name)
+                digest = (hashlib.sha256(data).hexdigest(), len(data))
             done.append(index)
-            lines.append(self._line(index, name, data, meta, shape))
-            self._bytes += len(data)
+            lines.append(self._line(index, name, *digest, meta, shape))
+            self._bytes += digest[1]
         if lines:
             self._append(done, lines)
             self._written += len(lines)
 
     def _commit_tar(self, indices: list[int], metas: list[_Meta], shape: str,
-                    result: list[bytes] | None) -> None:
+                    result: list[tuple[bytes, str]] | None) -> None:
         shard = self.layout.shard_of(indices[0])
         if result is None or shard in self._failed_shards:
             self._failed += len(indices) + (len(self._tar.lines) if self._tar else 0)
             self._abort_part()
             self._failed_shards.add(shard)
             return
-        for index, data, meta in zip(indices, result, metas, strict=True):
+        for index, (data, sha256), meta in zip(indices, result, metas, strict=True):
             needed = _member_bytes(len(data)) + _member_bytes(len(meta.member))
             if self._tar is not None and self._shard_bytes is not None and self._tar.lines \
                     and self._tar.size + needed + 2 * _TAR_BLOCK > self._shard_bytes:
@@ -449,7 +457,7 @@ class DatasetSink:
             self._tar.add(key + ".json", meta.member)
             self._tar.indices.append(index)
             self._tar.lines.append(self._line(index, f"{self._tar.name}/{key}{self.layout.extension}",
-                                              data, meta, shape, f'"offset":{offset},'))
+                                              sha256, len(data), meta, shape, f'"offset":{offset},'))
             self._tar.image_bytes += len(data)
             if index in self._shard_ends:
                 self._close_part()

@@ -7,6 +7,7 @@ import platform
 from typing import Any
 
 from . import _defaults
+from ._encoders import active_encoder
 
 
 def collect() -> dict[str, Any]:
@@ -24,6 +25,7 @@ def collect() -> dict[str, Any]:
         "torch": torch.__version__,
         "numpy": numpy.__version__,
         "opencv": cv2.__version__,
+        "png encoder (auto)": active_encoder(),
         "cuda available": cuda,
         "cuda devices": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
         if cuda else [],
