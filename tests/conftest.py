@@ -55,3 +55,15 @@ def no_temp_files(root: Path) -> list[Path]:
 @pytest.fixture
 def root(tmp_path: Path) -> Path:
     return tmp_path / "out"
+
+
+@pytest.fixture(params=["fpng", "opencv"])
+def both_png_encoders(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Run a test once per PNG encoder: the default of ``AsyncImageSink(png_encoder=...)`` in
+    this process becomes each encoder in turn (sinks started in child processes keep "auto")."""
+    from asyncdump import AsyncImageSink
+
+    defaults = AsyncImageSink.__init__.__kwdefaults__
+    assert defaults is not None and "png_encoder" in defaults
+    monkeypatch.setitem(defaults, "png_encoder", request.param)
+    return str(request.param)

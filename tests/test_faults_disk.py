@@ -15,6 +15,8 @@ from conftest import no_temp_files
 
 from asyncdump import AsyncDumpError, AsyncImageSink
 
+pytestmark = pytest.mark.usefixtures("both_png_encoders")  # each fault, each encoder
+
 NOISE = np.random.default_rng(0).integers(0, 256, (6, 3, 64, 64), dtype=np.uint8)  # ~12 KB PNGs
 
 

@@ -15,6 +15,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 import psutil
+import pytest
 from conftest import no_temp_files
 
 from asyncdump import AsyncImageSink
@@ -156,6 +157,7 @@ def test_unclosed_sink_is_flushed_at_exit_with_a_warning(tmp_path: Path) -> None
     assert len(list((tmp_path / "out").iterdir())) == 50
 
 
+@pytest.mark.usefixtures("both_png_encoders")
 def test_readers_never_see_partial_files(root: Path) -> None:
     rng = np.random.default_rng(0)
     batch = rng.integers(0, 256, (20, 3, 256, 256), dtype=np.uint8)

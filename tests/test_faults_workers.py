@@ -16,6 +16,8 @@ from conftest import no_temp_files, read_rgb
 
 from asyncdump import AsyncDumpError, AsyncImageSink
 
+pytestmark = pytest.mark.usefixtures("both_png_encoders")  # each fault, each encoder
+
 
 def indexed_batch(first: int, count: int, size: int = 24) -> np.ndarray:
     """Images whose pixels encode their global index, so a mix-up or loss is visible."""
