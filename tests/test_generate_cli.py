@@ -93,9 +93,11 @@ def test_foreign_and_corrupt_manifest_on_resume(tmp_path: Path) -> None:
     assert foreign.returncode == 2 and "no dataset.json" in foreign.stderr
 
 
+@pytest.mark.parametrize("encoder", ["auto", "opencv"])  # auto: fpng
 @pytest.mark.parametrize("mode", ["files", "tar"])
-def test_same_bytes_whatever_the_worker_count(tmp_path: Path, mode: str) -> None:
-    common = ["--count", "300", "--size", "24", "--mode", mode, "--shard-size", "128", "--seed", "3"]
+def test_same_bytes_whatever_the_worker_count(tmp_path: Path, mode: str, encoder: str) -> None:
+    common = ["--count", "300", "--size", "24", "--mode", mode, "--shard-size", "128", "--seed", "3",
+              "--png-encoder", encoder]
     one, two = tmp_path / "w1", tmp_path / "w2"
     first = generate("--out", str(one), "--workers", "1", "--batch-size", "50", *common)
     assert first.returncode == 0, first.stderr
@@ -104,6 +106,8 @@ def test_same_bytes_whatever_the_worker_count(tmp_path: Path, mode: str) -> None
     assert second.returncode == 0, second.stderr
     files = tree(one)
     assert files == tree(two)
+    png = next(data for name, data in files.items() if name.endswith((".png", ".tar")))
+    assert (b"fdEC" in png[:2048]) == (encoder == "auto")  # fpng's chunk: who encoded them
     entries = manifest(one)
     assert [e["index"] for e in entries] == list(range(300))
     if mode == "files":
