@@ -12,9 +12,10 @@ The path of one batch:
     committer thread (one per DatasetSink; owns the manifest, the open tar part, the counts):
         files: wait for the batch's future (files renamed into place, each with the sha256 its
                worker computed from the bytes it wrote), append the batch's manifest lines
-        tar:   wait for the encoded bytes and their sha256 (hashed in the worker), append ``key.<ext>`` + ``key.json`` members to the
-               hidden ``.shard-N.tar.tmp``; when the shard (or a part of ``shard_bytes``) is
-               complete: close, rename to ``shard-N.tar``, then append its manifest lines
+        tar:   wait for the encoded bytes and their sha256 (hashed in the worker), append
+               ``key.<ext>`` + ``key.json`` members to the hidden ``.shard-N.tar.tmp``; when the
+               shard (or a part of ``shard_bytes``) is complete: close, rename to
+               ``shard-N.tar``, then append its manifest lines
     close:   flush everything, then the manifest is rewritten sorted by index (one rank), or
              after a barrier rank 0 merges the per-rank manifests.
 
