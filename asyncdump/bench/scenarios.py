@@ -1,11 +1,14 @@
-"""The five scenarios. Each runs its contenders in interleaved rounds and returns plain data
-(per-round values and their median/min/max) for report.py.
+"""The scenarios (6 and 7, the PNG encoders and ``generate``, live in encoders.py). Each runs
+its contenders in interleaved rounds and returns plain data (per-round values and their
+median/min/max) for report.py.
 
     1 gpu_bound     a sleep (or, on CUDA, a real conv-net step) then save a 16x3x256x256 batch
     2 cpu_bound     a real conv-net forward+backward on the CPU, then save: writers compete for cores
     3 throughput    drain rate with 1..N workers vs one process doing cv2.imencode + write
     4 submit_cost   submit latency vs one memcpy of the same bytes
     5 memory_bound  a producer far faster than the disk, on_full="block" and "drop"
+    6 encoders      fpng vs OpenCV: encode only, drain with 1 and 2 workers, file sizes
+    7 generate      ``asyncdump generate`` images/s per encoder, parent CPU per image
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ from typing import Any
 import numpy as np
 
 from .. import _defaults
-from . import contenders
+from . import contenders, encoders
 from .measure import (
     MIB,
     RssSampler,
@@ -118,6 +121,8 @@ def run_loop(contender: contenders.Contender, batches: list[Any], steps: int,
     """One timed loop of one contender: loop time, per-call save latency, drain, RSS, images."""
     shutil.rmtree(folder, ignore_errors=True)
     contender.start(folder)
+    if isinstance(contender, contenders.CopyFloor):
+        contender.reserve(int(batches[0].numel() * batches[0].element_size()))
     latencies = []
     with RssSampler() as rss:
         began = time.perf_counter()
@@ -169,11 +174,15 @@ def _loop_summaries(rounds: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
         for i, result in enumerate(results):
             lat = latency_summary(result["latencies"])
             overhead = ((result["loop_seconds"] - floors[i]) / floors[i] * 100) if floors else float("nan")
+            end_to_end = result["loop_seconds"] + result["drain_seconds"]  # the loop, then close()
+            e2e_overhead = ((end_to_end - floors[i]) / floors[i] * 100) if floors else float("nan")
             per_round.append({**{k: v for k, v in result.items() if k != "latencies"}, **lat,
-                              "overhead_pct": overhead})
+                              "overhead_pct": overhead, "end_to_end_seconds": end_to_end,
+                              "e2e_overhead_pct": e2e_overhead})
         out[name] = {
             "summary": summarize_rounds(per_round, ["loop_seconds", "overhead_pct", "p50_ms", "p99_ms",
-                                                    "max_ms", "drain_seconds", "peak_rss_bytes"]),
+                                                    "max_ms", "drain_seconds", "peak_rss_bytes",
+                                                    "end_to_end_seconds", "e2e_overhead_pct"]),
             "written": sum(r["written"] for r in results),
             "expected": sum(r["expected"] for r in results),
             "latencies_ms": [round(s * 1e3, 4) for r in results for s in r["latencies"]],
@@ -232,14 +241,14 @@ def single_process_rate(images: np.ndarray, fmt: str, folder: Path) -> float:
 
 
 def sink_rate(images: np.ndarray, fmt: str, batch: int, workers: int, folder: Path,
-              repeat: int = 1) -> dict[str, Any]:
+              repeat: int = 1, **sink_options: Any) -> dict[str, Any]:
     """Images/s of an AsyncImageSink with ``workers`` draining ``images`` (``repeat`` times),
     submitted as fast as possible and timed from the first submit to the end of ``flush``.
     Worker start-up and one warm-up batch are not timed."""
     from .. import AsyncImageSink
 
     shutil.rmtree(folder, ignore_errors=True)
-    sink = AsyncImageSink(folder, workers=workers, format=fmt, name="{index:08d}")
+    sink = AsyncImageSink(folder, workers=workers, format=fmt, name="{index:08d}", **sink_options)
     warmup = min(batch, len(images))
     try:
         sink.submit(images[:warmup], names=[f"warmup{i}" for i in range(warmup)])
@@ -328,6 +337,7 @@ def scenario4(config: Config, log: Log) -> dict[str, Any]:
                        "memcpy_ms": float(np.median(copies)) * 1e3,
                        "submit_ms": float(np.median(submits)) * 1e3}
                 row["ratio"] = row["submit_ms"] / row["memcpy_ms"]
+                row["beyond_copy_ms"] = row["submit_ms"] - row["memcpy_ms"]
                 row["memcpy_gb_s"] = array.nbytes / (row["memcpy_ms"] / 1e3) / 1e9
                 per_round[label].append(row)
                 log(f"  round {r + 1}/{config.rounds} {label:<6} memcpy {row['memcpy_ms']:.3f} ms, "
@@ -404,4 +414,6 @@ SCENARIOS: dict[int, tuple[str, Callable[[Config, Log], dict[str, Any]]]] = {
     3: ("scenario3_throughput", scenario3),
     4: ("scenario4_submit_cost", scenario4),
     5: ("scenario5_memory_bound", scenario5),
+    6: ("scenario6_encoders", encoders.scenario6),
+    7: ("scenario7_generate", encoders.scenario7),
 }
