@@ -368,7 +368,7 @@ class DatasetSink:
             try:
                 extra = {k: v for k, v in meta.items() if k != "label"}
                 out.append(_Meta(
-                    json.dumps(meta, sort_keys=True, separators=(",", ":")).encode() if tar
+                    _MEMBER_JSON.encode(meta).encode() if tar
                     else b"", _canonical(meta.get("label")), _canonical(extra)))
             except (TypeError, ValueError) as exc:
                 raise TypeError(f"metadata must be JSON-serialisable: {exc}") from None
@@ -604,10 +604,15 @@ def write_dataset(
     return sink.summary
 
 
+# One encoder each, made once: ``json.dumps`` with options builds a new encoder per call.
+_MEMBER_JSON = json.JSONEncoder(sort_keys=True, separators=(",", ":"))
+_COMPACT_JSON = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False)
+
+
 def _canonical(value: Any) -> str:
     """JSON text exactly as ``dumps_line`` writes it after a JSON round trip (the round trip
     turns non-string keys into strings, which can change their order)."""
-    text = json.dumps(value, separators=(",", ":"), ensure_ascii=False)
+    text = _COMPACT_JSON.encode(value)
     if "{" in text:
         text = json.dumps(json.loads(text), sort_keys=True, separators=(",", ":"),
                           ensure_ascii=False)

@@ -119,25 +119,29 @@ def stage_times(float_images: np.ndarray, folder: Path) -> dict[str, float]:
     return {k: float(np.median(v)) * 1e3 for k, v in steps.items()}
 
 
-def _plain_opencv(images: np.ndarray, folder: str) -> int:
+_FORKED: dict[str, np.ndarray] = {}  # images the pool's processes inherit (never pickled)
+
+
+def _plain_opencv(name: str, start: int, stop: int, folder: str) -> int:
     """One plain process: float -> uint8 (round half up), BGR HWC, ``cv2.imencode``, write."""
     import cv2
 
     cv2.setNumThreads(1)
-    for i, image in enumerate(images):
+    for i, image in enumerate(_FORKED[name][start:stop]):
         u8 = np.floor(image * 255.0 + 0.5).clip(0, 255).astype(np.uint8)
         ok, data = cv2.imencode(".png", np.ascontiguousarray(u8.transpose(1, 2, 0)[..., ::-1]))
         if not ok:
             raise RuntimeError("cv2.imencode('.png') failed")
         with open(os.path.join(folder, f"{i:06d}.png"), "wb") as handle:
             handle.write(data.tobytes())
-    return len(images)
+    return stop - start
 
 
-def _plain_sink_work(images: np.ndarray, folder: str) -> int:
+def _plain_sink_work(name: str, start: int, stop: int, folder: str) -> int:
     """One plain process doing the sink's own work: its conversion, fpng, write + rename."""
     from .._convert import to_image
 
+    images = _FORKED[name][start:stop]
     c, h, w = images.shape[1:]
     spec = {"chw": (c, h, w), "dtype": "float32", "layout": "nchw", "converted": False,
             "conversion": SPEC_RULE}
@@ -152,20 +156,23 @@ def _plain_sink_work(images: np.ndarray, folder: str) -> int:
 
 
 def plain_processes_rate(pool: concurrent.futures.ProcessPoolExecutor, processes: int,
-                         job: Callable[[np.ndarray, str], int], images: np.ndarray,
+                         job: Callable[[str, int, int, str], int], name: str,
                          folder: Path) -> float:
-    """images/s of ``processes`` plain processes each doing ``job`` on its share, together."""
+    """images/s of ``processes`` plain processes each doing ``job`` on its share of the
+    images ``_FORKED[name]`` (inherited at fork: only indices cross the pipe), together."""
     shutil.rmtree(folder, ignore_errors=True)
-    shares = np.array_split(images, processes)
+    count = len(_FORKED[name])
+    bounds = np.linspace(0, count, processes + 1).astype(int)
     folders = [folder / str(k) for k in range(processes)]
     for f in folders:
         f.mkdir(parents=True)
     with Stopwatch() as watch:
-        done = sum(f.result() for f in [pool.submit(job, share, str(sub))
-                                        for share, sub in zip(shares, folders, strict=True)])
+        done = sum(f.result() for f in [
+            pool.submit(job, name, int(bounds[k]), int(bounds[k + 1]), str(folders[k]))
+            for k in range(processes)])
     shutil.rmtree(folder, ignore_errors=True)
-    assert done == len(images)
-    return len(images) / watch.seconds
+    assert done == count
+    return count / watch.seconds
 
 
 def scenario6(config: Any, log: Log) -> dict[str, Any]:
@@ -181,7 +188,8 @@ def scenario6(config: Any, log: Log) -> dict[str, Any]:
     rows: dict[str, list[dict[str, float]]] = {kind: [] for kind in images}
     drains: list[dict[str, float]] = []
     stages: list[dict[str, float]] = []
-    context = multiprocessing.get_context("fork" if sys.platform.startswith("linux") else "spawn")
+    _FORKED["floats"] = floats  # before the pool forks (spawn would re-create nothing: Linux only)
+    context = multiprocessing.get_context("fork")
     with concurrent.futures.ProcessPoolExecutor(2, mp_context=context) as pool:
         list(pool.map(abs, [1, 2]))  # start both processes before timing
         for r in range(config.rounds):
@@ -205,9 +213,9 @@ def scenario6(config: Any, log: Log) -> dict[str, Any]:
                     f"{row['w1_opencv']:.0f}/s; w2 {row['w2_fpng']:.0f} vs {row['w2_opencv']:.0f}/s; "
                     f"size x{row['size_ratio']:.2f}")
             drain: dict[str, float] = {}
-            drain["plain_opencv"] = plain_processes_rate(pool, 1, _plain_opencv, floats, work / "plain")
+            drain["plain_opencv"] = plain_processes_rate(pool, 1, _plain_opencv, "floats", work / "plain")
             drain["sink_w1"] = sink_rate(floats, "png", 16, 1, work / "float-w1")["images_per_second"]
-            drain["plain_sink_work_x2"] = plain_processes_rate(pool, 2, _plain_sink_work, floats,
+            drain["plain_sink_work_x2"] = plain_processes_rate(pool, 2, _plain_sink_work, "floats",
                                                                work / "plain2")
             drain["sink_w2"] = sink_rate(floats, "png", 16, 2, work / "float-w2")["images_per_second"]
             drain["w1_vs_plain_opencv"] = drain["sink_w1"] / drain["plain_opencv"]
