@@ -51,7 +51,6 @@ from ._pool import WorkerProcess, start_worker, stop_workers
 from ._signals import deferred_sigint
 from ._staging import FLOAT_DTYPES, Batch, Conversion, DeviceStager, copy_to_host, inspect
 from ._stats import Counters, SinkStats
-from ._wakeup import poke
 
 PENDING, ENCODED, DONE = 0, 1, 2
 MAX_JOB_ATTEMPTS = 3  # a job whose worker dies this often fails instead of looping
@@ -561,7 +560,8 @@ class AsyncImageSink:
 
     # ------------------------------------------------------------------ collector thread
     def _poke(self) -> None:
-        poke(self._wake_w)  # keeps the GIL: the collector runs when the producer lets it
+        with contextlib.suppress(BlockingIOError, OSError):
+            os.write(self._wake_w, b"\0")
 
     def _collector_main(self) -> None:
         try:

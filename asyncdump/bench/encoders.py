@@ -78,7 +78,9 @@ def encode_only(images: np.ndarray, encoder: str) -> dict[str, float]:
 
 
 def stage_times(float_images: np.ndarray, folder: Path) -> dict[str, float]:
-    """Median ms per image of each step a worker takes for a float image (same code)."""
+    """Median ms per image of each step a worker takes for a float image (same code). Each
+    conversion reads an image not read before (not in the cache), as in a worker; the encode
+    and the write then use the result, warm, as in a worker."""
     import hashlib
 
     from .._convert import to_image
@@ -90,13 +92,15 @@ def stage_times(float_images: np.ndarray, folder: Path) -> dict[str, float]:
     steps: dict[str, list[float]] = {k: [] for k in (
         "conversion (fpng layout)", "conversion (opencv layout)", "encode fpng", "encode opencv",
         "write + rename (fpng file)", "sha256 (fpng file)")}
-    for i, image in enumerate(float_images):
-        raw = np.ascontiguousarray(image).view(np.uint8).reshape(-1)
+    raws = [np.ascontiguousarray(image).view(np.uint8).reshape(-1) for image in float_images]
+    for i in range(0, len(raws) - 1, 2):
+        # Each conversion reads an image not read before (as a worker does), alternating order.
+        first, second = (raws[i], raws[i + 1]) if i % 4 == 0 else (raws[i + 1], raws[i])
         began = time.perf_counter()
-        rgb = to_image(raw, spec, rgb=True)
+        rgb = to_image(first, spec, rgb=True)
         steps["conversion (fpng layout)"].append(time.perf_counter() - began)
         began = time.perf_counter()
-        bgr = to_image(raw, spec, rgb=False)
+        bgr = to_image(second, spec, rgb=False)
         steps["conversion (opencv layout)"].append(time.perf_counter() - began)
         began = time.perf_counter()
         data = encode_one(rgb, "fpng")
