@@ -94,14 +94,17 @@ def stage_times(float_images: np.ndarray, folder: Path) -> dict[str, float]:
         "write + rename (fpng file)", "sha256 (fpng file)")}
     raws = [np.ascontiguousarray(image).view(np.uint8).reshape(-1) for image in float_images]
     for i in range(0, len(raws) - 1, 2):
-        # Each conversion reads an image not read before (as a worker does), alternating order.
-        first, second = (raws[i], raws[i + 1]) if i % 4 == 0 else (raws[i + 1], raws[i])
-        began = time.perf_counter()
-        rgb = to_image(first, spec, rgb=True)
-        steps["conversion (fpng layout)"].append(time.perf_counter() - began)
-        began = time.perf_counter()
-        bgr = to_image(second, spec, rgb=False)
-        steps["conversion (opencv layout)"].append(time.perf_counter() - began)
+        # Each conversion reads an image not read before (as a worker does); which of the
+        # two layouts goes first alternates, so neither always follows the previous write.
+        for rgb_layout in ((True, False) if i % 4 == 0 else (False, True)):
+            began = time.perf_counter()
+            made = to_image(raws[i + rgb_layout], spec, rgb=rgb_layout)
+            key = "conversion (fpng layout)" if rgb_layout else "conversion (opencv layout)"
+            steps[key].append(time.perf_counter() - began)
+            if rgb_layout:
+                rgb = made
+            else:
+                bgr = made
         began = time.perf_counter()
         data = encode_one(rgb, "fpng")
         steps["encode fpng"].append(time.perf_counter() - began)
