@@ -5,11 +5,14 @@ from __future__ import annotations
 import os
 import string
 import sys
+from collections import deque
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 BUILTIN_FIELDS = ("index", "step", "batch", "rank")
+RECENT_PATHS = 4096  # paths remembered for the cross-batch collision check (a sliding window)
+CHECKED_FOLDERS = 1024  # folders whose realpath is cached; the cache is emptied when full
 
 
 def current_rank() -> int:
@@ -39,9 +42,12 @@ def template_fields(template: str) -> set[str]:
 class Namer:
     """Turns (template or explicit names, fields) into absolute paths under ``root``.
 
-    Raises ``ValueError`` for names that escape ``root`` or collide with a path this sink
-    already issued (unless ``overwrite``). Collisions need no memory for templates that contain
-    ``{index}``: the running index makes those paths unique by construction.
+    Raises ``ValueError`` for names that escape ``root`` or collide (unless ``overwrite``).
+    Memory is bounded whatever the run length. A collision is detected when two images of one
+    batch share a path, or when a path equals one of the last ``RECENT_PATHS`` paths this sink
+    accepted. A path reused after more than ``RECENT_PATHS`` later images is not detected.
+    Templates with ``{index}`` need no window: the running index makes paths unique.
+    Not thread-safe: the sink calls it under its submit lock.
     """
 
     def __init__(self, root: Path, template: str, extension: str, overwrite: bool = False):
@@ -58,7 +64,8 @@ class Namer:
         self.extension = extension
         self.overwrite = overwrite
         self._unique_by_index = "index" in self._fields
-        self._issued: set[str] = set()
+        self._recent: deque[str] = deque()  # accepted paths, oldest first
+        self._recent_set: set[str] = set()  # the same paths, for O(1) lookups
         self._checked_dirs: set[str] = set()
 
     def paths(
@@ -90,16 +97,23 @@ class Namer:
                 raise ValueError(f"two images of this batch would be written to {dup}; make names "
                                  "unique (e.g. add {batch} or {index}) or pass overwrite=True")
             if self._must_track(names):
-                clash = next((p for p in paths if p in self._issued), None)
+                clash = next((p for p in paths if p in self._recent_set), None)
                 if clash is not None:
                     raise ValueError(f"{clash} was already submitted to this sink; make names "
                                      "unique (e.g. add {index}) or pass overwrite=True")
         return paths
 
     def record(self, paths: list[str], names: Sequence[str] | None) -> None:
-        """Remember accepted paths so a later batch cannot silently overwrite them."""
-        if not self.overwrite and self._must_track(names):
-            self._issued.update(paths)
+        """Remember accepted paths (the last ``RECENT_PATHS``) so a later batch cannot
+        silently overwrite them."""
+        if self.overwrite or not self._must_track(names):
+            return
+        recent, recent_set = self._recent, self._recent_set
+        for path in paths[-RECENT_PATHS:]:
+            recent.append(path)
+            recent_set.add(path)
+        while len(recent) > RECENT_PATHS:
+            recent_set.discard(recent.popleft())
 
     def _must_track(self, names: Sequence[str] | None) -> bool:
         return names is not None or not self._unique_by_index
@@ -142,5 +156,7 @@ class Namer:
             if real != self._real_root and not real.startswith(self._real_root + os.sep):
                 raise ValueError(f"name {name!r} resolves outside root {self.root} "
                                  f"(through a symlink to {real})")
+            if len(self._checked_dirs) >= CHECKED_FOLDERS:  # e.g. one folder per image
+                self._checked_dirs.clear()
             self._checked_dirs.add(folder)
         return path

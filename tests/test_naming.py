@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from asyncdump import AsyncImageSink
+from asyncdump import AsyncImageSink, _naming
 
 IMG = np.zeros((2, 1, 4, 4), np.uint8)
 
@@ -67,3 +67,26 @@ def test_custom_extension(root: Path) -> None:
     assert [p.name for p in paths] == ["00000000.TIF", "00000001.TIF"]
     with pytest.raises(ValueError, match="extension"):
         AsyncImageSink(root, extension="png")
+
+
+def test_collision_window_is_bounded_and_detects_recent_reuse(
+        root: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(_naming, "RECENT_PATHS", 8)
+    with AsyncImageSink(root, name="{step}_{batch}") as sink:
+        for step in range(5):  # 10 paths: the first two have left the window of 8
+            sink.submit(IMG, step=step)
+        with pytest.raises(ValueError, match="already submitted"):
+            sink.submit(IMG, step=1)  # within the window: refused, nothing staged
+        assert sink.stats.submitted == 10
+        sink.submit(IMG, step=0).result(timeout=30)  # older than the window: not detected
+        assert sink.stats.submitted == 12
+        assert len(sink._namer._recent) == len(sink._namer._recent_set) == 8
+
+
+def test_namer_memory_does_not_grow_with_run_length(root: Path) -> None:
+    namer = _naming.Namer(root, "{step:07d}_{batch:04d}_" + "x" * 150 + "/{batch}", ".png")
+    for step in range(3 * _naming.RECENT_PATHS):
+        paths = namer.paths(2, start_index=2 * step, step=step, names=None, fields={})
+        namer.record(paths, None)
+    assert len(namer._recent) == len(namer._recent_set) == _naming.RECENT_PATHS
+    assert len(namer._checked_dirs) <= _naming.CHECKED_FOLDERS
