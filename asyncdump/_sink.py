@@ -168,6 +168,9 @@ class AsyncImageSink:
         self._counters = Counters()
         self._created = time.perf_counter()
         self._lock = threading.Lock()  # guards _unfinished and the failure lists
+        # Serialises submit/encode across threads: the index, the namer and the producer's
+        # counters have one writer at a time. Re-entrant for an on_error callback that submits.
+        self._submit_lock = threading.RLock()
         self._unfinished: set[_BatchRecord] = set()
         self._undelivered: list[tuple[Path, BaseException]] = []
         self._since_flush: list[tuple[Path, BaseException]] = []
@@ -216,12 +219,17 @@ class AsyncImageSink:
         names: Sequence[str] | None = None,
         **fields: Any,
     ) -> concurrent.futures.Future[list[Path]]:
-        """Stage ``images`` and return a Future of their paths; never encodes or writes here."""
+        """Stage ``images`` and return a Future of their paths; never encodes or writes here.
+
+        Thread-safe: calls from several threads are staged one at a time, so every image gets
+        its own index and path and each thread's batches keep their order.
+        """
         began = time.perf_counter()
-        try:
-            return self._submit(images, step, names, fields)
-        finally:
-            self._counters.submit_seconds += time.perf_counter() - began
+        with self._submit_lock:
+            try:
+                return self._submit(images, step, names, fields)
+            finally:
+                self._counters.submit_seconds += time.perf_counter() - began
 
     def encode(self, images: Any) -> concurrent.futures.Future[list[bytes]]:
         """Like ``submit``, but the workers return the encoded file bytes instead of writing.
@@ -230,10 +238,11 @@ class AsyncImageSink:
         object stores). Same staging, back-pressure and error rules; no names are used.
         """
         began = time.perf_counter()
-        try:
-            return self._submit(images, None, None, {}, encode_only=True)
-        finally:
-            self._counters.submit_seconds += time.perf_counter() - began
+        with self._submit_lock:
+            try:
+                return self._submit(images, None, None, {}, encode_only=True)
+            finally:
+                self._counters.submit_seconds += time.perf_counter() - began
 
     def _submit_digest(self, images: Any, names: Sequence[str] | None) -> concurrent.futures.Future[Any]:
         """For DatasetSink: ``submit(names=...)`` (or ``encode`` when ``names`` is None) whose

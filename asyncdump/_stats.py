@@ -31,9 +31,9 @@ class SinkStats:
 
 @dataclass
 class Counters:
-    """The live counters behind ``SinkStats``. Each field has one writer thread."""
+    """The live counters behind ``SinkStats``. Each field has one writer at a time."""
 
-    # written by the producer (submit)
+    # written by producers (submit/encode, under the sink's submit lock)
     submitted: int = 0
     dropped: int = 0
     submit_seconds: float = 0.0
