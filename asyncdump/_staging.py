@@ -83,9 +83,20 @@ def _torch_module() -> Any:
     return sys.modules.get("torch")
 
 
+CHANNELS = (1, 3, 4)
+_SHAPES = "(B, C, H, W), (C, H, W) or (H, W)"
+_CHANNELS_LAST_HINT = " (channels-last arrays: pass arr.transpose(2, 0, 1), or (0, 3, 1, 2) for a batch)"
+
+
 def _shape_error(shape: Sequence[int]) -> ValueError:
-    return ValueError(f"images must have shape (B, C, H, W), (C, H, W) or (H, W) with C in "
-                      f"{{1, 3, 4}} and H, W >= 1; got shape {tuple(shape)}")
+    return ValueError(f"images must have shape {_SHAPES} with C in {{1, 3, 4}} (channels) and "
+                      f"H, W >= 1; got shape {tuple(shape)}")
+
+
+def _channels_error(shape: Sequence[int], channels: int) -> ValueError:
+    hint = _CHANNELS_LAST_HINT if len(shape) in (3, 4) and shape[-1] in CHANNELS else ""
+    return ValueError(f"images must have 1, 3 or 4 channels (C in {{1, 3, 4}} of shape "
+                      f"{_SHAPES}); got {channels} channels in shape {tuple(shape)}{hint}")
 
 
 def inspect(images: Any, codec: Codec) -> Batch:
@@ -104,11 +115,10 @@ def inspect(images: Any, codec: Codec) -> Batch:
     else:
         raise _shape_error(shape)
     count, channels, height, width = shape4
-    if channels not in (1, 3, 4) or height < 1 or width < 1:
-        hint = ""
-        if len(shape) in (3, 4) and shape[-1] in (1, 3, 4) and channels not in (1, 3, 4):
-            hint = " (channels-last arrays: pass arr.transpose(2, 0, 1), or (0, 3, 1, 2) for a batch)"
-        raise ValueError(str(_shape_error(shape)) + hint)
+    if channels not in CHANNELS:
+        raise _channels_error(shape, channels)
+    if height < 1 or width < 1:
+        raise _shape_error(shape)
 
     if is_tensor:
         dtype = TORCH_DTYPES.get(str(images.dtype))
