@@ -211,7 +211,22 @@ class DatasetSink:
                                 json.loads(json.dumps(job or {})), self.png_encoder)
         except (TypeError, ValueError) as exc:
             raise TypeError(f"job must be JSON-serialisable: {exc}") from None
+        self._sink: Any = None  # what construction creates, released if a later step fails
+        self._manifest_fd = -1
+        self._bar: Any = None
         self._ranks = _Ranks()
+        try:
+            self._start(record, resume, count, format, quality, workers, fsync, progress,
+                        max_buffer_bytes)
+        except BaseException:
+            self._release_partial()
+            raise
+        self._closed = False
+
+    def _start(self, record: dict[str, Any], resume: bool, count: int, format: str,
+               quality: int | None, workers: int | None, fsync: bool, progress: bool,
+               max_buffer_bytes: int | None) -> None:
+        """Everything after the process group: setup, resume state, sink, committer."""
         self.rank, self.world = self._ranks.rank, self._ranks.world
 
         problem = None
@@ -222,10 +237,8 @@ class DatasetSink:
                 problem = exc
         message = self._ranks.broadcast(None if problem is None else str(problem))
         if problem is not None:
-            self._ranks.release()
             raise problem
         if message is not None:
-            self._ranks.release()
             raise DatasetError(message)
 
         entries = read_manifests(self.root, count)  # rank 0 left only durable entries
@@ -234,13 +247,18 @@ class DatasetSink:
         # manifest stays sorted and a one-rank close need not rewrite it.
         self._last_index = max(entries, default=-1)
         self._in_order = True
-        self._next_part = parts_done(self.layout, entries.values()) if mode == "tar" else {}
-        mine = range(self.rank, self.layout.shards, self.world)
-        self._todo = [i for shard in mine for i in self.layout.shard_range(shard)
-                      if i not in entries]
-        self._shard_ends = {self.layout.shard_range(s).stop - 1 for s in mine}
+        self._next_part = parts_done(self.layout, entries.values()) if self.mode == "tar" else {}
+        # Resume state while writing: one bit per image of the dataset (not a list of ints).
+        self._done = bytearray((count + 7) // 8)
+        for index in entries:
+            self._done[index >> 3] |= 1 << (index & 7)
+        self._shards = range(self.rank, self.layout.shards, self.world)  # this rank's shards
+        mine_done = sum(1 for i in entries if self.layout.shard_of(i) % self.world == self.rank)
         del entries
-        self._pos = 0
+        self._remaining = sum(len(self.layout.shard_range(s)) for s in self._shards) - mine_done
+        self._shard_cursor = -1  # position in _shards of the shard whose indices are in _todo
+        self._todo: list[int] = []  # pending indices of one shard at a time
+        self._pos = 0  # next of _todo to submit
         self._shape: tuple[int, ...] | None = None
         self._manifest_path = self.root / (MANIFEST_FILE if self.world == 1
                                            else rank_manifest(self.rank))
@@ -260,11 +278,10 @@ class DatasetSink:
                                     max_buffer_bytes=max_buffer_bytes, png_encoder=self.png_encoder)
         self._manifest_fd = os.open(self._manifest_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT,
                                     0o644)
-        self._bar: Any = None
         if progress:
             from tqdm import tqdm
 
-            self._bar = tqdm(total=len(self._todo), unit="img", dynamic_ncols=True, disable=None,
+            self._bar = tqdm(total=self._remaining, unit="img", dynamic_ncols=True, disable=None,
                              desc=f"rank {self.rank}" if self.world > 1 else "generate")
         self._queue: queue.Queue[tuple[concurrent.futures.Future[Any], list[int], list[_Meta],
                                        str] | None] = queue.Queue(QUEUED_BATCHES)
@@ -272,7 +289,19 @@ class DatasetSink:
         self._committer = threading.Thread(target=self._commit_main, name="asyncdump-dataset",
                                            daemon=True)
         self._committer.start()
-        self._closed = False
+
+    def _release_partial(self) -> None:
+        """Construction failed part-way: stop the sink, close the manifest, leave the group."""
+        try:
+            if self._sink is not None:
+                self._sink.close()
+        finally:
+            if self._manifest_fd >= 0:
+                os.close(self._manifest_fd)
+                self._manifest_fd = -1
+            if self._bar is not None:
+                self._bar.close()
+            self._ranks.release()
 
     # ------------------------------------------------------------------ setup (rank 0)
     def _prepare(self, record: dict[str, Any], resume: bool) -> None:
@@ -298,7 +327,21 @@ class DatasetSink:
     @property
     def remaining(self) -> int:
         """Images of this rank not yet submitted."""
-        return len(self._todo) - self._pos
+        return self._remaining
+
+    def _pending_of_shard(self) -> list[int]:
+        """The not yet submitted indices of the current shard, moving on to the next shard with
+        pending indices when it is used up; empty when this rank has nothing left."""
+        while self._pos >= len(self._todo):
+            self._shard_cursor += 1
+            if self._shard_cursor >= len(self._shards):
+                self._todo, self._pos = [], 0
+                return self._todo
+            done = self._done
+            self._todo = [i for i in self.layout.shard_range(self._shards[self._shard_cursor])
+                          if not done[i >> 3] >> (i & 7) & 1]
+            self._pos = 0
+        return self._todo
 
     def pending(self, batch_size: int) -> Iterator[list[int]]:
         """This rank's indices still to write, in batches that never span two shards.
@@ -306,15 +349,13 @@ class DatasetSink:
         Submit each batch before asking for the next one.
         """
         _check_int("batch_size", batch_size)
-        while self._pos < len(self._todo):
-            start = self._pos
-            shard = self.layout.shard_of(self._todo[start])
-            end = start
-            while end < len(self._todo) and end - start < batch_size \
-                    and self.layout.shard_of(self._todo[end]) == shard:
-                end += 1
-            yield self._todo[start:end]
-            if self._pos == start:
+        while True:
+            todo = self._pending_of_shard()
+            if not todo:
+                return
+            left = self._remaining
+            yield todo[self._pos:self._pos + batch_size]
+            if self._remaining == left:
                 raise DatasetError("each batch from pending() must be submitted before the next")
 
     def submit(self, indices: Sequence[int], images: Any,
@@ -330,10 +371,10 @@ class DatasetSink:
             raise AsyncDumpError(f"the dataset writer failed: {self._error}") from self._error
         indices = list(indices)
         count = len(indices)
-        expected = self._todo[self._pos:self._pos + count]
-        if not count or indices != expected or \
-                len({self.layout.shard_of(i) for i in indices}) != 1:
-            first = self._todo[self._pos] if self._pos < len(self._todo) else None
+        todo = self._pending_of_shard()
+        expected = todo[self._pos:self._pos + count]
+        if not count or indices != expected:
+            first = todo[self._pos] if todo else None
             raise ValueError(f"indices must be the next batch from pending() (next pending index "
                              f"{first}, batches within one shard); got {_short(indices)}")
         shape = tuple(getattr(images, "shape", ()))
@@ -353,6 +394,7 @@ class DatasetSink:
             future = self._sink._submit_digest(images, None)
         _, channels, height, width = shape
         self._pos += count
+        self._remaining -= count
         self._queue.put((future, indices, metas, f"[{height},{width},{channels}]"))
 
     def _metadata(self, metadata: Sequence[dict[str, Any]] | None, count: int) -> list[_Meta]:
@@ -460,7 +502,7 @@ class DatasetSink:
             self._tar.lines.append(self._line(index, f"{self._tar.name}/{key}{self.layout.extension}",
                                               sha256, len(data), meta, shape, f'"offset":{offset},'))
             self._tar.image_bytes += len(data)
-            if index in self._shard_ends:
+            if index == self.layout.shard_range(shard).stop - 1:  # the shard's last image
                 self._close_part()
 
     def _close_part(self) -> None:

@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import sys
 import tarfile
 from pathlib import Path
 
 import numpy as np
+import psutil
 import pytest
 import torch
 from conftest import read_rgb
@@ -187,3 +190,20 @@ def test_manifest_lines_are_canonical_and_match_the_bytes(tmp_path: Path, mode: 
                 data = tar.extractfile(member).read()
         assert len(data) == entry["bytes"]
         assert hashlib.sha256(data).hexdigest() == entry["sha256"]
+
+
+def test_construction_failing_after_the_sink_started_releases_it(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from asyncdump import _sink
+
+    me = psutil.Process()
+    children, fds = {p.pid for p in me.children()}, set(os.listdir("/proc/self/fd"))
+    monkeypatch.setitem(sys.modules, "tqdm", None)  # the progress bar comes after the sink
+    with pytest.raises(ImportError):
+        DatasetSink(tmp_path / "ds", count=10, workers=2, progress=True)
+    assert {p.pid for p in me.children()} <= children  # its workers are stopped and reaped
+    assert set(os.listdir("/proc/self/fd")) <= fds  # manifest, buffer and sockets closed
+    assert not list(_sink._open_sinks)
+    monkeypatch.delitem(sys.modules, "tqdm")
+    summary = write_dataset(make, tmp_path / "ds", count=10, batch_size=4, resume=True)
+    assert summary.complete and summary.images == 10
