@@ -3,12 +3,14 @@ exact counts, each thread's batches in its own order."""
 
 from __future__ import annotations
 
+import sys
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import cv2
 import numpy as np
+import pytest
 import torch
 from conftest import no_temp_files, read_rgb
 
@@ -16,6 +18,16 @@ import asyncdump
 from asyncdump import AsyncImageSink
 
 THREADS, BATCHES, PER_BATCH, SIDE = 8, 40, 4, 8
+
+
+@pytest.fixture(autouse=True)
+def frequent_thread_switches() -> Iterator[None]:
+    """Switch threads every microsecond instead of every 5 ms, so that an unguarded
+    read-modify-write in submit is interleaved often (the races are then seen every run)."""
+    before = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)
+    yield
+    sys.setswitchinterval(before)
 
 
 def tagged_batch(thread: int, seq: int) -> np.ndarray:
