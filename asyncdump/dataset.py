@@ -13,7 +13,8 @@ The path of one batch:
         files: wait for the batch's future (files renamed into place, each with the sha256 its
                worker computed from the bytes it wrote), append the batch's manifest lines
         tar:   wait for the encoded bytes and their sha256 (hashed in the worker), append
-               ``key.<ext>`` + ``key.json`` members to the hidden ``.shard-N.tar.tmp``; when the
+               ``key.<ext>``, ``key.cls`` (when the label is an int) and ``key.json`` members to
+               the hidden ``.shard-N.tar.tmp``; when the
                shard (or a part of ``shard_bytes``) is complete: close, rename to
                ``shard-N.tar``, then append its manifest lines
     close:   flush everything, then the manifest is rewritten sorted by index (one rank), or
@@ -78,6 +79,7 @@ class _Meta(NamedTuple):
     member: bytes  # tar mode: the ``key.json`` member (the whole dict)
     label: str  # JSON of the manifest's ``label``
     extra: str  # JSON of the manifest's ``meta`` (the dict without ``label``)
+    cls: bytes  # tar mode: the ``key.cls`` member (WebDataset's int label), b"" for none
 
 
 @dataclass(frozen=True)
@@ -399,7 +401,7 @@ class DatasetSink:
 
     def _metadata(self, metadata: Sequence[dict[str, Any]] | None, count: int) -> list[_Meta]:
         if metadata is None:
-            return [_Meta(b"{}", "null", "{}")] * count
+            return [_Meta(b"{}", "null", "{}", b"")] * count
         if isinstance(metadata, dict) or len(metadata) != count:
             raise ValueError(f"metadata must be a list of {count} dicts (one per image)")
         tar = self.mode == "tar"
@@ -409,9 +411,11 @@ class DatasetSink:
                 raise TypeError(f"each metadata item must be a dict, got {type(meta).__name__}")
             try:
                 extra = {k: v for k, v in meta.items() if k != "label"}
+                label = meta.get("label")
                 out.append(_Meta(
                     _MEMBER_JSON.encode(meta).encode() if tar
-                    else b"", _canonical(meta.get("label")), _canonical(extra)))
+                    else b"", _canonical(label), _canonical(extra),
+                    str(label).encode() if tar and _is_int(label) else b""))
             except (TypeError, ValueError) as exc:
                 raise TypeError(f"metadata must be JSON-serialisable: {exc}") from None
         return out
@@ -488,7 +492,8 @@ class DatasetSink:
             self._failed_shards.add(shard)
             return
         for index, (data, sha256), meta in zip(indices, result, metas, strict=True):
-            needed = _member_bytes(len(data)) + _member_bytes(len(meta.member))
+            needed = _member_bytes(len(data)) + _member_bytes(len(meta.member)) \
+                + (_member_bytes(len(meta.cls)) if meta.cls else 0)
             if self._tar is not None and self._shard_bytes is not None and self._tar.lines \
                     and self._tar.size + needed + 2 * _TAR_BLOCK > self._shard_bytes:
                 self._close_part()
@@ -497,6 +502,8 @@ class DatasetSink:
                 self._tar = _TarPart(self.root, self.layout.tar_name(shard, part), shard)
             key = self.layout.key(index)
             offset = self._tar.add(key + self.layout.extension, data)
+            if meta.cls:  # WebDataset's convention: .to_tuple("png", "cls") finds the label
+                self._tar.add(key + ".cls", meta.cls)
             self._tar.add(key + ".json", meta.member)
             self._tar.indices.append(index)
             self._tar.lines.append(self._line(index, f"{self._tar.name}/{key}{self.layout.extension}",
@@ -659,6 +666,10 @@ def _canonical(value: Any) -> str:
         text = json.dumps(json.loads(text), sort_keys=True, separators=(",", ":"),
                           ensure_ascii=False)
     return text
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def _read_file(path: str) -> bytes:

@@ -81,6 +81,8 @@ def test_tar_mode_members_offsets_and_byte_limit(tmp_path: Path) -> None:
         with tarfile.open(tmp_path / tar_name) as tar:
             assert tar.extractfile(member).read() == data  # type: ignore[union-attr]
             meta = json.loads(tar.extractfile(member.replace(".png", ".json")).read())  # type: ignore[union-attr]
+            label = tar.extractfile(member.replace(".png", ".cls")).read()  # type: ignore[union-attr]
+        assert label == str(entry["index"] % 10).encode()  # WebDataset's .cls: the int label
         assert meta == {"label": entry["index"] % 10, "seed": entry["index"]}
     assert not list(tmp_path.glob(".*"))
 

@@ -120,8 +120,10 @@ def test_same_bytes_whatever_the_worker_count(tmp_path: Path, mode: str, encoder
         assert entries[130]["path"] == "shard-000001.tar/000000130.png"
         with tarfile.open(one / "shard-000002.tar") as tar:
             members = tar.getmembers()
-            assert [m.name for m in members[:2]] == ["000000256.png", "000000256.json"]
-            assert json.loads(tar.extractfile(members[1]).read())["label"] == entries[256]["label"]
+            assert [m.name for m in members[:3]] == ["000000256.png", "000000256.cls",
+                                                     "000000256.json"]
+            assert tar.extractfile(members[1]).read() == str(entries[256]["label"]).encode()
+            assert json.loads(tar.extractfile(members[2]).read())["label"] == entries[256]["label"]
             assert {(m.mtime, m.uid, m.gid, m.uname, m.gname, m.mode) for m in members} == {
                 (0, 0, 0, "", "", 0o644)}
 
