@@ -1,4 +1,5 @@
-"""``asyncdump generate``: a synthetic dataset (shapes on textures), files or tar shards.
+"""``asyncdump generate``: a dataset from the built-in synthetic generator (shapes on
+textures) or from ``--generator MODULE:FUNCTION``, as files or tar shards.
 
 Works unchanged under ``torchrun --nproc_per_node=K``: each rank renders and writes its own
 shards; rank 0 merges the manifests at the end.
@@ -12,7 +13,7 @@ import os
 import sys
 from typing import Any
 
-from ._codecs import CODECS
+from ._codecs import CODECS, get_codec
 from ._encoders import PNG_ENCODERS
 from ._errors import AsyncDumpError
 
@@ -24,6 +25,10 @@ def _fail(message: str) -> int:
     return 2
 
 
+BUILTIN_DEFAULTS = {"size": 64, "seed": 0, "device": "auto"}  # the built-in generator's options
+USER_BATCH_SIZE = 64  # --generator's default --batch-size, as write_dataset's
+
+
 def run(args: argparse.Namespace) -> int:
     for name in ("count", "size", "shard_size", "batch_size", "shard_bytes", "workers"):
         value = getattr(args, name)
@@ -31,6 +36,11 @@ def run(args: argparse.Namespace) -> int:
             return _fail(f"--{name.replace('_', '-')} must be at least 1, got {value}")
     if args.format.lower() not in CODECS:
         return _fail(f"unknown --format {args.format!r}; choose one of {', '.join(sorted(CODECS))}")
+    if args.generator is not None:
+        return _run_user(args)
+    for name, default in BUILTIN_DEFAULTS.items():
+        if getattr(args, name) is None:
+            setattr(args, name, default)
     from . import synthetic
 
     if args.size > synthetic.MAX_SIZE:
@@ -40,13 +50,7 @@ def run(args: argparse.Namespace) -> int:
 
     from .dataset import DatasetSink
 
-    owns_group = False
-    if int(os.environ.get("WORLD_SIZE", "1") or 1) > 1:
-        import torch.distributed as dist
-
-        if not dist.is_initialized():
-            dist.init_process_group("gloo", timeout=datetime.timedelta(hours=2))
-            owns_group = True
+    owns_group = _init_ranks()
     device = args.device
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -65,36 +69,113 @@ def run(args: argparse.Namespace) -> int:
             job={"generator": synthetic.GENERATOR_ID, "seed": args.seed, "size": args.size},
             progress=not args.no_progress and os.environ.get("RANK", "0") == "0")
     except (AsyncDumpError, ValueError, TypeError, OSError, RuntimeError, ImportError) as exc:
-        if owns_group:
-            torch.distributed.destroy_process_group()
+        _release_ranks(owns_group)
         return _fail(str(exc).splitlines()[0])
     with sink:
         for indices in sink.pending(batch_size):
             images, metadata = synthetic.render(indices, seed=args.seed, size=args.size,
                                                 device=device)
             sink.submit(indices, images, metadata)
+    _release_ranks(owns_group)
+    return _report(sink, f"device {device}")
+
+
+def _run_user(args: argparse.Namespace) -> int:
+    """``--generator MODULE:FUNCTION``: the user's function makes the images."""
+    given = [f"--{name}" for name in BUILTIN_DEFAULTS if getattr(args, name) is not None]
+    if given:
+        return _fail(f"{', '.join(given)} belong to the built-in generator; with --generator "
+                     "your function decides sizes, randomness and device (remove "
+                     f"{'them' if len(given) > 1 else 'it'})")
+    from . import _generator_feed, _user_generator
+
+    try:
+        produce = _user_generator.load(args.generator)
+    except _user_generator.GeneratorError as exc:
+        return _fail(f"--generator {args.generator}: {exc}")
+    from .dataset import DatasetSink
+
+    owns_group = _init_ranks()
+    before = _generator_feed.before(args.out)
+    try:
+        sink = DatasetSink(
+            args.out, count=args.count, format=args.format, quality=args.quality,
+            mode=args.mode, shard_size=args.shard_size, shard_bytes=args.shard_bytes,
+            workers=args.workers, resume=args.resume, fsync=args.fsync,
+            png_encoder=args.png_encoder, job={"generator": args.generator},
+            progress=not args.no_progress and os.environ.get("RANK", "0") == "0")
+    except (AsyncDumpError, ValueError, TypeError, OSError, RuntimeError, ImportError) as exc:
+        _release_ranks(owns_group)
+        return _fail(str(exc).splitlines()[0])
+    try:
+        with sink:
+            _generator_feed.feed(sink, produce, args.generator,
+                                 args.batch_size or USER_BATCH_SIZE, get_codec(args.format))
+    except _generator_feed.GeneratorFailed as exc:
+        if exc.first:  # no rank wrote an image: leave --out as it was
+            sink._ranks.barrier()
+            if sink.rank == 0:
+                _generator_feed.undo(before)
+        else:
+            written = sink.summary.images if sink.summary is not None else 0
+            exc.args = (f"{exc}; {written} images written by this rank are kept in the "
+                        "manifest: fix it and rerun with --resume",)
+        _release_ranks(owns_group)
+        print(f"{PROG}: error: {exc.report()}", file=sys.stderr)
+        return exc.exit_code
+    _release_ranks(owns_group)
+    return _report(sink, f"generator {args.generator}")
+
+
+def _init_ranks() -> bool:
+    """Under torchrun: start the gloo group (a long timeout: ranks may wait for slow models)."""
+    if int(os.environ.get("WORLD_SIZE", "1") or 1) <= 1:
+        return False
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        return False
+    dist.init_process_group("gloo", timeout=datetime.timedelta(hours=2))
+    return True
+
+
+def _release_ranks(owns_group: bool) -> None:
+    if owns_group:
+        import torch.distributed as dist
+
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _report(sink: Any, source: str) -> int:
+    """Print the summary line (rank 0); the exit code: 0 when complete without failures."""
     summary = sink.summary
     assert summary is not None
-    if owns_group and torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()
     if sink.rank == 0:
         print(f"{PROG}: {summary.images} images written ({summary.skipped} already there), "
               f"{summary.bytes / 1e6:.1f} MB, {summary.images_per_second:.0f} images/s, "
               f"{summary.failed} failed, {summary.seconds:.1f} s, {summary.mode} mode, "
-              f"{sink.world} rank(s), device {device} -> {summary.root}"
+              f"{sink.world} rank(s), {source} -> {summary.root}"
               + ("" if summary.complete else " (INCOMPLETE: rerun with --resume)"))
     return 0 if summary.failed == 0 and summary.complete else 1
 
 
 def register(subparsers: Any) -> None:
     parser = subparsers.add_parser(
-        "generate", help="write a synthetic dataset (shapes on textures) with a manifest",
-        description="Write COUNT synthetic images (coloured shapes on textured backgrounds, "
-                    "labels and boxes in the manifest) as files or tar shards. Restartable "
+        "generate", help="write a dataset (synthetic, or from your --generator) with a manifest",
+        description="Write COUNT images as files or tar shards with a manifest: synthetic ones "
+                    "(coloured shapes on textured backgrounds, labels and boxes in the "
+                    "manifest), or your own from --generator MODULE:FUNCTION. Restartable "
                     "with --resume; runs unchanged under torchrun.")
     parser.add_argument("--out", required=True, help="output folder")
     parser.add_argument("--count", type=int, required=True, help="number of images")
-    parser.add_argument("--size", type=int, default=64, help="image side in pixels (default 64)")
+    parser.add_argument("--generator", default=None, metavar="MODULE:FUNCTION",
+                        help="your generator: MODULE is imported once per rank (current folder "
+                             "on sys.path), FUNCTION(indices) returns images or (images, "
+                             "metadata) as write_dataset's callable; --resume calls it for "
+                             "missing indices only")
+    parser.add_argument("--size", type=int, default=None,
+                        help="built-in generator: image side in pixels (default 64)")
     parser.add_argument("--format", default="png", help="png, jpg, webp, bmp, tiff (default png)")
     parser.add_argument("--quality", type=int, default=None,
                         help="jpg/webp quality 1..100, png compression 0..9")
@@ -103,7 +184,9 @@ def register(subparsers: Any) -> None:
                              "opencv: smaller PNG files, slower (default auto)")
     parser.add_argument("--mode", choices=("files", "tar"), default="files",
                         help="one file per image in sub-folders, or tar shards (default files)")
-    parser.add_argument("--seed", type=int, default=0, help="images are a function of (seed, index)")
+    parser.add_argument("--seed", type=int, default=None,
+                        help="built-in generator: images are a function of (seed, index) "
+                             "(default 0)")
     parser.add_argument("--workers", type=int, default=None,
                         help="encoder processes per rank (default: usable cores per rank - 1)")
     parser.add_argument("--shard-size", type=int, default=1000,
@@ -111,8 +194,10 @@ def register(subparsers: Any) -> None:
     parser.add_argument("--shard-bytes", type=int, default=None,
                         help="tar mode: also split a shard into parts below this many bytes")
     parser.add_argument("--batch-size", type=int, default=None,
-                        help="images rendered per batch (default: about 2 MPixel)")
-    parser.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda")
+                        help="images per batch (default: about 2 MPixel; 64 with --generator)")
+    parser.add_argument("--device", default=None,
+                        help="built-in generator: auto (CUDA when available), cpu, cuda "
+                             "(default auto)")
     parser.add_argument("--resume", action="store_true",
                         help="continue a killed run: skip the indices already in the manifest")
     parser.add_argument("--fsync", action="store_true",
