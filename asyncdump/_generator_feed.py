@@ -81,7 +81,7 @@ def _make(produce: Generator, spec: str, indices: list[int], codec: Codec,
         raise GeneratorFailed(f"{spec} raised on indices {_span(indices)}: {detail}",
                               first=first, raised=True) from exc
     try:
-        return split(result, indices, codec)
+        return split(result, indices, codec, check=first)
     except GeneratorError as exc:
         what = "its first batch" if first else f"indices {_span(indices)}"
         raise GeneratorFailed(f"{spec} {exc} (for {what})", first=first, raised=False) from None

@@ -54,8 +54,13 @@ def load(spec: str) -> Generator:
     return target
 
 
-def split(result: Any, indices: list[int], codec: Codec) -> tuple[Any, list[dict[str, Any]] | None]:
-    """``(images, metadata)`` from what the generator returned for ``indices``, checked."""
+def split(result: Any, indices: list[int], codec: Codec,
+          check: bool = True) -> tuple[Any, list[dict[str, Any]] | None]:
+    """``(images, metadata)`` from what the generator returned for ``indices``.
+
+    ``check``: also check types, shape and JSON (the first batch, before anything is written;
+    later batches are checked by ``DatasetSink.submit`` itself, at no extra cost).
+    """
     count = len(indices)
     expected = (f"images or (images, metadata): a (B, C, H, W) tensor or array with "
                 f"B = len(indices) = {count}, and None or a list of {count} dicts")
@@ -65,6 +70,8 @@ def split(result: Any, indices: list[int], codec: Codec) -> tuple[Any, list[dict
         images, metadata = result
     else:
         images, metadata = result, None
+    if not check:
+        return images, metadata
     shape = tuple(getattr(images, "shape", ()))
     if len(shape) != 4 or shape[0] != count:
         got = f"images of shape {shape}" if shape else f"a {type(images).__name__}"

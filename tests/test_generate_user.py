@@ -62,6 +62,13 @@ def three_items(indices):
     images, meta = make(indices)
     return images, meta, None
 
+def drifting(indices):
+    images, meta = make(indices)
+    return (images if indices[0] < 10 else images[:, :, :6]), meta
+
+def list_later(indices):
+    return make(indices) if indices[0] < 10 else [1, 2]
+
 NOT_A_FUNCTION = 42
 '''
 
@@ -210,6 +217,24 @@ def test_exception_later_keeps_the_manifest_and_resume_finishes(work: Path) -> N
 
     assert generate(work, "--out", "clean", *common).returncode == 0
     assert tree(work / "out") == tree(work / "clean")
+
+
+@pytest.mark.parametrize("spec, words", [
+    ("mygen:drifting", "returned a batch for indices 10..14 that cannot be written: image shape "
+                       "(3, 6, 16) differs from earlier batches' (3, 12, 16)"),
+    ("mygen:list_later", "returned a batch for indices 10..14 that cannot be written: images must "
+                         "be a (B, C, H, W) batch"),
+])
+def test_unusable_batch_later_is_one_line_exit_1_and_keeps_the_manifest(
+        work: Path, spec: str, words: str) -> None:
+    result = generate(work, "--out", "out", "--count", "20", "--batch-size", "5",
+                      "--generator", spec, "--workers", "1")
+    assert result.returncode == 1
+    assert result.stderr.startswith(f"asyncdump generate: error: {spec} {words}")
+    assert "10 images written by this rank are kept in the manifest" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+    manifest = (work / "out" / "manifest.jsonl").read_text().splitlines()
+    assert [json.loads(line)["index"] for line in manifest] == list(range(10))
 
 
 def _free_port() -> int:
