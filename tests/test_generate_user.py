@@ -255,3 +255,18 @@ def test_two_ranks_under_torchrun_equal_one_rank(work: Path) -> None:
     assert sorted(calls(work)) == list(range(50))
     assert generate(work, "--out", "one", *common).returncode == 0
     assert tree(work / "two") == tree(work / "one")
+
+
+def test_the_documented_conv_generator_example(tmp_path: Path) -> None:
+    """docs/integrations.md's example: examples/conv_generator.py, run from its folder."""
+    examples = Path(__file__).resolve().parent.parent / "examples"
+    env = dict(ENV, PYTHONDONTWRITEBYTECODE="1")
+    result = subprocess.run(
+        [sys.executable, "-m", "asyncdump", "generate", "--generator", "conv_generator:generate",
+         "--out", str(tmp_path / "out"), "--count", "24", "--mode", "tar", "--shard-size", "10",
+         "--no-progress"], capture_output=True, text=True, timeout=60, env=env, cwd=examples)
+    assert result.returncode == 0, result.stderr
+    entries = [json.loads(line) for line in (tmp_path / "out" / "manifest.jsonl").read_text().splitlines()]
+    assert [(e["index"], e["label"], e["shape"]) for e in entries] == [
+        (i, i % 10, [64, 64, 3]) for i in range(24)]
+    assert len({e["sha256"] for e in entries}) == 24  # every image differs
