@@ -118,8 +118,8 @@ def _run_user(args: argparse.Namespace) -> int:
                 _generator_feed.undo(before)
         else:
             written = sink.summary.images if sink.summary is not None else 0
-            exc.args = (f"{exc}; {written} images written by this rank are kept in the "
-                        "manifest: fix it and rerun with --resume",)
+            exc.args = (f"{exc}; {written} images written{' by this rank' if sink.world > 1 else ''} "
+                        "are kept in the manifest: fix it and rerun with --resume",)
         _release_ranks(owns_group)
         print(f"{PROG}: error: {exc.report()}", file=sys.stderr)
         return exc.exit_code

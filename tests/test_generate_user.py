@@ -200,8 +200,8 @@ def test_exception_later_keeps_the_manifest_and_resume_finishes(work: Path) -> N
     assert failed.returncode == 1
     lines = failed.stderr.strip().splitlines()
     assert lines[0] == ("asyncdump generate: error: mygen:make raised on indices 20..24: "
-                        "RuntimeError: the model broke at index 23; 20 images written by this "
-                        "rank are kept in the manifest: fix it and rerun with --resume")
+                        "RuntimeError: the model broke at index 23; 20 images written are kept "
+                        "in the manifest: fix it and rerun with --resume")
     assert lines[1] == "Traceback (most recent call last):"
     assert 'mygen.py", line' in failed.stderr and lines[-1] == "second line of the message"
     manifest = (work / "out" / "manifest.jsonl").read_text().splitlines()
@@ -231,7 +231,7 @@ def test_unusable_batch_later_is_one_line_exit_1_and_keeps_the_manifest(
                       "--generator", spec, "--workers", "1")
     assert result.returncode == 1
     assert result.stderr.startswith(f"asyncdump generate: error: {spec} {words}")
-    assert "10 images written by this rank are kept in the manifest" in result.stderr
+    assert "10 images written are kept in the manifest" in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
     manifest = (work / "out" / "manifest.jsonl").read_text().splitlines()
     assert [json.loads(line)["index"] for line in manifest] == list(range(10))
@@ -243,16 +243,29 @@ def _free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def test_two_ranks_under_torchrun_equal_one_rank(work: Path) -> None:
+def test_two_ranks_under_torchrun_fail_resume_and_equal_one_rank(work: Path) -> None:
     common = ["--count", "50", "--batch-size", "4", "--shard-size", "6", "--mode", "tar",
               "--generator", "mygen:make", "--workers", "1"]
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
-                "--master_addr=127.0.0.1", f"--master_port={_free_port()}"]
-    ranks = generate(work, "--out", "two", *common, launcher=torchrun, timeout=90)
-    assert ranks.returncode == 0, ranks.stderr[-3000:]
-    assert "50 images written" in ranks.stdout and "2 rank(s)" in ranks.stdout
+
+    def torchrun(*args: str, fail_at: int | None = None) -> subprocess.CompletedProcess[str]:
+        launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+                    "--master_addr=127.0.0.1", f"--master_port={_free_port()}"]
+        return generate(work, *args, fail_at=fail_at, launcher=launcher, timeout=90)
+
+    failed = torchrun("--out", "two", *common, fail_at=30)  # shard 5: rank 1's
+    assert failed.returncode != 0
+    assert "mygen:make raised on indices 30..33: RuntimeError: the model broke" in failed.stderr
     assert sorted((work / "imports.log").read_text().split()) == ["0", "1"]  # once per rank
-    assert sorted(calls(work)) == list(range(50))
+    kept = {json.loads(line)["index"] for path in (work / "two").glob("manifest*.jsonl")
+            for line in path.read_text().splitlines()}
+    assert set(range(6, 12)) | set(range(18, 24)) <= kept  # rank 1's shards 1 and 3, done before
+
+    (work / "calls.log").unlink()
+    resumed = torchrun("--out", "two", *common, "--resume")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"{50 - len(kept)} images written ({len(kept)} already there)" in resumed.stdout
+    assert sorted(calls(work)) == sorted(set(range(50)) - kept)  # only the missing indices
+    assert not list((work / "two").glob("manifest.rank*.jsonl"))  # merged by rank 0
     assert generate(work, "--out", "one", *common).returncode == 0
     assert tree(work / "two") == tree(work / "one")
 

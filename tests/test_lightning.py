@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 import sys
@@ -138,3 +139,48 @@ def test_import_asyncdump_does_not_import_lightning() -> None:
     code = "import sys, asyncdump; print('lightning' in sys.modules, 'pytorch_lightning' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.split() == ["False", "False"]
+
+
+DDP_SCRIPT = '''
+import os, sys, warnings
+import lightning as L
+import torch
+from torch.utils.data import DataLoader, TensorDataset
+from asyncdump.lightning import ImageLogger
+
+class Tiny(L.LightningModule):
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 3, 3, padding=1)
+    def training_step(self, batch, batch_idx):
+        return self.conv(batch[0]).pow(2).mean()
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+    def log_images(self, batch):
+        with open(os.path.join(sys.argv[1], f"called.rank{self.global_rank}"), "a") as log:
+            log.write(f"{self.global_step}\\n")
+        return torch.sigmoid(self.conv(batch[0]))
+
+warnings.simplefilter("ignore")
+data = DataLoader(TensorDataset(torch.rand(16, 3, 8, 8)), batch_size=2)
+trainer = L.Trainer(max_steps=4, accelerator="cpu", devices=2, strategy="ddp", logger=False,
+                    enable_checkpointing=False, enable_progress_bar=False,
+                    enable_model_summary=False,
+                    callbacks=[ImageLogger(os.path.join(sys.argv[1], "out"), every_n_steps=2)])
+trainer.fit(Tiny(), data)
+'''
+
+
+def test_only_global_rank_zero_logs_under_ddp(tmp_path: Path) -> None:
+    script = tmp_path / "ddp_fit.py"
+    script.write_text(DDP_SCRIPT)
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+    env["OMP_NUM_THREADS"] = "1"
+    result = subprocess.run([sys.executable, str(script), str(tmp_path)], capture_output=True,
+                            text=True, timeout=120, env=env, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert (tmp_path / "called.rank0").read_text().split() == ["2", "4"]
+    assert not (tmp_path / "called.rank1").exists()  # log_images never ran on rank 1
+    assert sorted(p.name for p in (tmp_path / "out" / "images").iterdir()) == [
+        "00000002.png", "00000004.png"]
