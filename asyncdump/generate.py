@@ -95,7 +95,8 @@ def _run_user(args: argparse.Namespace) -> int:
         return _fail(f"--generator {args.generator}: {exc}")
     from .dataset import DatasetSink
 
-    owns_group = _init_ranks()
+    # A group the module started is ours to end too: nothing runs after this command.
+    owns_group = _init_ranks() or _group_started()
     before = _generator_feed.before(args.out)
     try:
         sink = DatasetSink(
@@ -137,6 +138,11 @@ def _init_ranks() -> bool:
         return False
     dist.init_process_group("gloo", timeout=datetime.timedelta(hours=2))
     return True
+
+
+def _group_started() -> bool:
+    dist = sys.modules.get("torch.distributed")
+    return bool(dist is not None and dist.is_available() and dist.is_initialized())
 
 
 def _release_ranks(owns_group: bool) -> None:

@@ -24,13 +24,17 @@ ENV = {k: v for k, v in os.environ.items()
 ENV["OMP_NUM_THREADS"] = "1"
 
 # Pixels and metadata are a function of the index. CALLS logs every call, IMPORTS every import
-# (with the rank), FAIL_AT makes the call that reaches that index raise.
+# (with the rank), FAIL_AT makes the call that reaches that index raise, INIT_GROUP makes the
+# import start the process group.
 GENERATOR = '''
 import os
 import numpy as np
 
 with open(os.environ["IMPORTS"], "a") as log:
     log.write(os.environ.get("RANK", "0") + "\\n")
+if os.environ.get("INIT_GROUP"):  # a module that starts the process group itself
+    import torch.distributed as dist
+    dist.init_process_group("gloo")
 
 def make(indices):
     with open(os.environ["CALLS"], "a") as log:
@@ -81,9 +85,9 @@ def work(tmp_path: Path) -> Path:
     return tmp_path
 
 
-def generate(work: Path, *args: str, fail_at: int | None = None,
-             launcher: list[str] | None = None, timeout: float = 60) -> subprocess.CompletedProcess[str]:
-    env = dict(ENV, CALLS=str(work / "calls.log"), IMPORTS=str(work / "imports.log"))
+def generate(work: Path, *args: str, fail_at: int | None = None, launcher: list[str] | None = None,
+             timeout: float = 60, **env_vars: str) -> subprocess.CompletedProcess[str]:
+    env = dict(ENV, CALLS=str(work / "calls.log"), IMPORTS=str(work / "imports.log"), **env_vars)
     if fail_at is not None:
         env["FAIL_AT"] = str(fail_at)
     command = [*(launcher or [sys.executable]), "-m", "asyncdump", "generate", "--no-progress",
@@ -247,10 +251,11 @@ def test_two_ranks_under_torchrun_fail_resume_and_equal_one_rank(work: Path) -> 
     common = ["--count", "50", "--batch-size", "4", "--shard-size", "6", "--mode", "tar",
               "--generator", "mygen:make", "--workers", "1"]
 
-    def torchrun(*args: str, fail_at: int | None = None) -> subprocess.CompletedProcess[str]:
+    def torchrun(*args: str, fail_at: int | None = None,
+                 **env_vars: str) -> subprocess.CompletedProcess[str]:
         launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
                     "--master_addr=127.0.0.1", f"--master_port={_free_port()}"]
-        return generate(work, *args, fail_at=fail_at, launcher=launcher, timeout=90)
+        return generate(work, *args, fail_at=fail_at, launcher=launcher, timeout=90, **env_vars)
 
     failed = torchrun("--out", "two", *common, fail_at=30)  # shard 5: rank 1's
     assert failed.returncode != 0
@@ -261,7 +266,7 @@ def test_two_ranks_under_torchrun_fail_resume_and_equal_one_rank(work: Path) -> 
     assert set(range(6, 12)) | set(range(18, 24)) <= kept  # rank 1's shards 1 and 3, done before
 
     (work / "calls.log").unlink()
-    resumed = torchrun("--out", "two", *common, "--resume")
+    resumed = torchrun("--out", "two", *common, "--resume", INIT_GROUP="1")  # the module's group
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert f"{50 - len(kept)} images written ({len(kept)} already there)" in resumed.stdout
     assert sorted(calls(work)) == sorted(set(range(50)) - kept)  # only the missing indices
