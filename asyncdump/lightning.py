@@ -93,7 +93,8 @@ class ImageLogger(pl.Callback):
         self._last_step = step
         for key, tensor in self._collect(pl_module, batch).items():
             path = self.dirpath / key / f"{step:08d}{self.extension}"
-            self._pending.append(save_image(tensor[: self.max_images], path, **self.save_kwargs))
+            capped = tensor[: self.max_images] if tensor.ndim == 4 else tensor  # else one image
+            self._pending.append(save_image(capped, path, **self.save_kwargs))
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._raise_failures(wait=True)

@@ -80,12 +80,14 @@ def test_grids_written_every_n_steps_with_the_right_pixels(tmp_path: Path) -> No
     signed = ImageLogger(tmp_path / "signed", every_n_steps=3, max_images=2, normalize=True,
                          value_range=(-1, 1),
                          images=lambda m, batch: batch[0] * 2 - 1)  # a plain tensor in [-1, 1]
-    fit(module, [ImageLogger(tmp_path / "default", every_n_steps=2, max_images=4), signed])
+    single = ImageLogger(tmp_path / "single", every_n_steps=6, max_images=2,
+                         images=lambda m, batch: batch[0][0])  # one (C, H, W) image
+    fit(module, [ImageLogger(tmp_path / "default", every_n_steps=2, max_images=4), signed, single])
 
     # Complete when fit returns: no flush by the test.
     assert sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*.png")) == [
         f"default/{key}/{step:08d}.png" for key in ("inputs", "recon") for step in (2, 4, 6)] + [
-        f"signed/images/{step:08d}.png" for step in (3, 6)]
+        f"signed/images/{step:08d}.png" for step in (3, 6)] + ["single/images/00000006.png"]
     assert module.modes == [(False, False)] * 3  # eval, no grad, only when due
     assert module.train_modes == [True] * 6  # train mode restored after each log
     for logged, step in zip(module.logged, (2, 4, 6), strict=True):
@@ -96,6 +98,8 @@ def test_grids_written_every_n_steps_with_the_right_pixels(tmp_path: Path) -> No
     for step in (3, 6):  # global_step 3 ends batch index 2
         np.testing.assert_array_equal(read_rgb(tmp_path / "signed" / "images" / f"{step:08d}.png"),
                                       grid(batches[(step - 1) % 4][0][:2], value_range=(0.0, 1.0)))
+    np.testing.assert_array_equal(read_rgb(tmp_path / "single" / "images" / "00000006.png"),
+                                  torchvision_pixels(batches[1][0][0]))  # one image: no padding
 
 
 def test_a_failed_write_is_an_error_not_silence(tmp_path: Path) -> None:
