@@ -632,14 +632,14 @@ class _TarPart:
 
 
 def write_dataset(
-    generate: Callable[[list[int]], tuple[Any, Sequence[dict[str, Any]] | None]],
+    generate: Callable[[list[int]], Any],
     root: str | os.PathLike[str],
     *,
     count: int,
     batch_size: int = 64,
     **options: Any,
 ) -> DatasetSummary:
-    """Write ``count`` images made by ``generate(indices) -> (images, metadata)``.
+    """Write ``count`` images made by ``generate(indices) -> images | (images, metadata)``.
 
     ``generate`` is called only for indices not yet on disk (this rank's share, resume
     skips the rest), so an expensive model never re-makes what a killed run already wrote.
@@ -647,7 +647,8 @@ def write_dataset(
     """
     with DatasetSink(root, count=count, **options) as sink:
         for indices in sink.pending(batch_size):
-            images, metadata = generate(indices)
+            result = generate(indices)  # a tensor or array alone: images without metadata
+            images, metadata = (result, None) if hasattr(result, "shape") else result
             sink.submit(indices, images, metadata)
     assert sink.summary is not None
     return sink.summary

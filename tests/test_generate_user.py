@@ -147,12 +147,16 @@ def test_same_dataset_as_write_dataset(work: Path, options: list[str],
     assert entries[7]["meta"] == {"prompt": "p7"} and entries[7]["label"] == 3
 
 
-def test_images_without_metadata(work: Path) -> None:
+def test_images_without_metadata(work: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     result = generate(work, "--out", "out", "--count", "6", "--generator", "mygen:images_only",
-                      "--workers", "1")
+                      "--workers", "1", "--mode", "tar")
     assert result.returncode == 0, result.stderr
     entries = [json.loads(line) for line in (work / "out" / "manifest.jsonl").read_text().splitlines()]
     assert [(e["index"], e["label"], e["meta"]) for e in entries] == [(i, None, {}) for i in range(6)]
+    mygen = load_mygen(work, monkeypatch)  # write_dataset takes the same images-only function
+    write_dataset(mygen.images_only, work / "api", count=6, workers=1, mode="tar",
+                  job={"generator": "mygen:images_only"})
+    assert tree(work / "out") == tree(work / "api")
 
 
 @pytest.mark.parametrize("spec, extra, words", [
