@@ -61,7 +61,7 @@ class SharedBuffer:
         self.fd = _anonymous_fd(self.mapped_bytes)
         self._mm: mmap.mmap | None = mmap.mmap(self.fd, self.mapped_bytes)
         # np.frombuffer keeps the mmap export alive: mm.close() raises instead of leaving a
-        # dangling view that would segfault (see DESIGN.md).
+        # dangling view that would segfault (see docs/design.md).
         self._array: np.ndarray | None = np.frombuffer(self._mm, dtype=np.uint8)
         self._torch_view: Any = None
         self._pinned_ptr: int | None = None

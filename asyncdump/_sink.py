@@ -104,7 +104,7 @@ _job_ids = itertools.count()
 class AsyncImageSink:
     """Write image batches to ``root`` from worker processes; ``submit`` returns at once.
 
-    See API.md for every argument. Extras: ``overwrite=True`` lets two images of this sink
+    See docs/api.md for every argument. Extras: ``overwrite=True`` lets two images of this sink
     use the same path (by default a ``ValueError`` at submit); ``extension`` is the suffix
     added to every name (default: the format's, e.g. ``".png"``; ``".TIF"`` or ``""`` work).
     """

@@ -37,7 +37,7 @@ _ITEMSIZE = {"float16": 2, "bfloat16": 2, "float32": 4, "float64": 8,
 
 @dataclass(frozen=True)
 class Conversion:
-    """The float -> 8-bit rule's parameters (API.md)."""
+    """The float -> 8-bit rule's parameters (docs/api.md)."""
 
     value_range: tuple[float, float]
     mean: tuple[float, ...] | None

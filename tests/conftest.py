@@ -31,7 +31,7 @@ def torchvision_pixels(
     """Pixels torchvision.utils.save_image writes for one (C, H, W) float32 image.
 
     Exactly its operations: make_grid's norm_ip (clamp_, sub_, div_ by max(hi - lo, 1e-5)),
-    then save_image's mul(255).add_(0.5).clamp_(0, 255) and the uint8 cast. NaN -> 0 (API.md).
+    then save_image's mul(255).add_(0.5).clamp_(0, 255) and the uint8 cast. NaN -> 0 (docs/api.md).
     """
     y = x.detach().to(torch.float32).clone()
     if mean is not None and std is not None:

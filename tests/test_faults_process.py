@@ -111,7 +111,7 @@ def test_second_ctrl_c_aborts_the_final_flush_quickly(tmp_path: Path) -> None:
     lost = int(stderr.split("asyncdump: ")[1].split(" image(s)")[0])
     assert 0 < written < 200 and lost > 0
     # Every image is either on disk or counted lost; the one the worker was renaming when it
-    # was stopped may be both (README, "What remains possible").
+    # was stopped may be both (docs/guarantees.md, "What remains possible").
     assert 200 <= written + lost <= 200 + 1
 
 

@@ -1,8 +1,8 @@
-"""One test per row of the input table (docs/readme/issue-3.md), on every path.
+"""One test per row of the input table (docs/inputs.md), on every path.
 
 Each row is run with a numpy array, a CPU tensor and a CUDA tensor (skipped without CUDA),
 through real workers and real files, and read back with OpenCV. The CUDA path may differ by 1
-where its float math rounds differently (API.md); the others must be exact.
+where its float math rounds differently (docs/api.md); the others must be exact.
 """
 
 from __future__ import annotations
@@ -48,7 +48,7 @@ def assert_pixels(got: np.ndarray, expected: np.ndarray, kind: str) -> None:
 
 
 def rule(x: Any, **kwargs: Any) -> np.ndarray:
-    """API.md's rule (= torchvision's) for one (C, H, W) image, computed in float32."""
+    """docs/api.md's rule (= torchvision's) for one (C, H, W) image, computed in float32."""
     t = x if isinstance(x, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(x))
     return torchvision_pixels(t.detach().cpu().float(), **kwargs)
 

@@ -1,4 +1,4 @@
-"""Every bad input of API.md: a clear TypeError/ValueError at the call, nothing staged,
+"""Every bad input of docs/api.md: a clear TypeError/ValueError at the call, nothing staged,
 and the sink still works afterwards."""
 
 from __future__ import annotations
