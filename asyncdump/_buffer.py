@@ -47,13 +47,20 @@ def _anonymous_fd(size: int) -> int:
     return fd
 
 
+MAX_STAGED_IMAGES = 8192  # images reserved and not yet released, whatever their size
+
+
 class SharedBuffer:
     """``capacity_bytes`` of shared memory with reserve/release accounting.
+
+    Also counts images: at most ``max_images`` may be staged at once. Each staged image costs
+    the parent about a kilobyte of bookkeeping (its job entry and paths), so for tiny images
+    a byte budget alone would let that grow with the backlog to gigabytes.
 
     Thread-safe: the producer reserves, the collector releases.
     """
 
-    def __init__(self, capacity_bytes: int):
+    def __init__(self, capacity_bytes: int, max_images: int = MAX_STAGED_IMAGES):
         if capacity_bytes < 1:
             raise ValueError(f"max_buffer_bytes must be >= 1, got {capacity_bytes}")
         self.capacity_bytes = int(capacity_bytes)
@@ -74,6 +81,8 @@ class SharedBuffer:
         self._prefault_target = 0
         self.buffered_bytes = 0
         self.peak_buffered_bytes = 0
+        self.max_images = int(max_images)
+        self.staged_images = 0
 
     def start_prefault(self) -> None:
         """Keep the pages ahead of staging faulted in, from a background thread.
@@ -120,7 +129,12 @@ class SharedBuffer:
                 return i
         return None
 
-    def _take(self, nbytes: int) -> int | None:
+    def _fits(self, nbytes: int, images: int) -> bool:
+        return self.staged_images + images <= self.max_images and self._first_fit(nbytes) is not None
+
+    def _take(self, nbytes: int, images: int) -> int | None:
+        if self.staged_images + images > self.max_images:
+            return None
         i = self._first_fit(nbytes)
         if i is not None:
             start, end = self._starts[i], self._ends[i]
@@ -134,6 +148,7 @@ class SharedBuffer:
                 self._starts.insert(i, start)
                 self._ends.insert(i, offset)
             self.buffered_bytes += nbytes
+            self.staged_images += images
             self.peak_buffered_bytes = max(self.peak_buffered_bytes, self.buffered_bytes)
             ahead = offset + nbytes + PREFAULT_AHEAD_BYTES
             if ahead > self._prefault_target and self._prefault_thread is not None:
@@ -142,33 +157,41 @@ class SharedBuffer:
             return offset
         return None
 
-    def try_reserve(self, nbytes: int) -> int | None:
-        """Reserve ``nbytes`` now, or return None when no extent is large enough."""
+    def try_reserve(self, nbytes: int, images: int = 1) -> int | None:
+        """Reserve ``nbytes`` for ``images`` images now, or return None when no extent is large
+        enough or more than ``max_images`` would be staged."""
+        self._check_size(nbytes, images)
+        with self._cond:
+            return self._take(nbytes, images)
+
+    def _check_size(self, nbytes: int, images: int) -> None:
         if nbytes > self.capacity_bytes:
             raise ValueError(f"{nbytes} bytes can never fit a {self.capacity_bytes}-byte buffer")
-        with self._cond:
-            return self._take(nbytes)
+        if images > self.max_images:
+            raise ValueError(f"{images} images can never be staged at once (at most {self.max_images})")
 
-    def wait_for_space(self, nbytes: int, check: Callable[[], None] | None = None) -> float:
-        """Block until ``nbytes`` would fit; returns the seconds waited. Reserves nothing.
+    def wait_for_space(self, nbytes: int, check: Callable[[], None] | None = None,
+                       images: int = 1) -> float:
+        """Block until ``nbytes`` for ``images`` images would fit; returns the seconds waited.
+        Reserves nothing.
 
         ``check`` runs on every wake-up and may raise to abandon the wait (the sink broke or
         is closing). Interruptible by Ctrl-C: it changes no state.
         """
-        if nbytes > self.capacity_bytes:
-            raise ValueError(f"{nbytes} bytes can never fit a {self.capacity_bytes}-byte buffer")
+        self._check_size(nbytes, images)
         with self._cond:
-            if self._first_fit(nbytes) is not None:
+            if self._fits(nbytes, images):
                 return 0.0
             began = time.perf_counter()
-            while self._first_fit(nbytes) is None:
+            while not self._fits(nbytes, images):
                 if check is not None:
                     check()
                 self._cond.wait(timeout=0.5)
             return time.perf_counter() - began
 
-    def release(self, offset: int, nbytes: int) -> None:
-        """Give ``[offset, offset + nbytes)`` back; neighbours coalesce."""
+    def release(self, offset: int, nbytes: int, images: int = 1) -> None:
+        """Give ``[offset, offset + nbytes)`` (holding ``images`` images) back; neighbours
+        coalesce."""
         if nbytes <= 0:
             return
         end = offset + nbytes
@@ -185,6 +208,7 @@ class SharedBuffer:
                 self._starts.insert(i, offset)
                 self._ends.insert(i, end)
             self.buffered_bytes -= nbytes
+            self.staged_images -= images
             self._cond.notify_all()
 
     def wake_all(self) -> None:

@@ -282,19 +282,20 @@ class AsyncImageSink:
         static = {"spec": spec, "image_bytes": batch.image_bytes, "ext": self._extension,
                   "params": self._params, "fsync": self.fsync, "return_bytes": encode_only, "sha256": digest}
         record = _BatchRecord(paths, encode_only, digest)
-        per_part = max(1, min(batch.count, self._buffer.capacity_bytes // batch.image_bytes))
+        per_part = max(1, min(batch.count, self._buffer.capacity_bytes // batch.image_bytes,
+                              self._buffer.max_images))
         staged = 0
         try:
             while staged < batch.count:
                 count = min(per_part, batch.count - staged)
                 nbytes = count * batch.image_bytes
                 with deferred_sigint():  # reserve..hand-over is all or nothing
-                    offset = self._buffer.try_reserve(nbytes)
+                    offset = self._buffer.try_reserve(nbytes, count)
                     if offset is not None:
                         try:
                             jobs, event = self._stage(batch, record, static, staged, count, offset)
                         except BaseException:
-                            self._buffer.release(offset, nbytes)
+                            self._buffer.release(offset, nbytes, count)
                             raise
                         if staged == 0:
                             self._accept(record, names, encode_only)
@@ -310,7 +311,7 @@ class AsyncImageSink:
                     if self.on_full != "block" and staged == 0:
                         return self._refuse(batch.count)
                     self._counters.blocked_seconds += self._buffer.wait_for_space(
-                        nbytes, check=self._check_usable)  # interruptible, changes nothing
+                        nbytes, check=self._check_usable, images=count)  # interruptible
         except BaseException as exc:
             if staged:  # part of the batch is promised already: account for the rest
                 self._fail_unstaged(record, staged, exc)
@@ -335,7 +336,8 @@ class AsyncImageSink:
         if self.on_full == "raise":
             raise BufferFullError(
                 f"staging buffer full ({self._buffer.buffered_bytes} of "
-                f"{self._buffer.capacity_bytes} bytes in use); on_full='raise' refused "
+                f"{self._buffer.capacity_bytes} bytes, {self._buffer.staged_images} of "
+                f"{self._buffer.max_images} images in use); on_full='raise' refused "
                 f"{count} image(s): use on_full='block' or 'drop', or a larger max_buffer_bytes")
         dropped: concurrent.futures.Future[list[Path]] = concurrent.futures.Future()
         dropped.cancel()

@@ -78,3 +78,20 @@ def test_blocking_reserve_can_be_abandoned() -> None:
     with pytest.raises(RuntimeError, match="closing"):
         buf.wait_for_space(64, check=check)
     buf.close()
+
+
+def test_staged_images_are_capped_whatever_their_bytes() -> None:
+    buf = SharedBuffer(1 << 20, max_images=3)
+    try:
+        first = buf.try_reserve(10, images=2)
+        assert first is not None and buf.staged_images == 2
+        assert buf.try_reserve(10, images=2) is None  # bytes are free, images are not
+        assert buf.wait_for_space(10, images=1) == 0.0
+        with pytest.raises(ValueError, match="at most 3"):
+            buf.try_reserve(10, images=4)
+        buf.release(first, 5)
+        buf.release(first + 5, 5)  # per-image releases, as the collector does
+        assert buf.staged_images == 0
+        assert buf.try_reserve(10, images=3) is not None
+    finally:
+        buf.close()
