@@ -21,13 +21,20 @@ from conftest import no_temp_files
 from asyncdump import AsyncImageSink
 
 
+def _as_from_a_terminal() -> None:
+    # A shell's background job inherits SIGINT ignored, and Python then never raises
+    # KeyboardInterrupt. A user's script at a terminal has the default disposition.
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def start_script(tmp_path: Path, body: str) -> subprocess.Popen[str]:
-    """Run a child script in its own process group (Ctrl-C reaches the group)."""
+    """Run a child script in its own process group (Ctrl-C reaches the group), with Ctrl-C's
+    default disposition whatever the test runner inherited."""
     script = tmp_path / "child.py"
     script.write_text(textwrap.dedent(body))
     return subprocess.Popen([sys.executable, str(script), str(tmp_path / "out")],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
+                            start_new_session=True, preexec_fn=_as_from_a_terminal)
 
 
 def read_line(proc: subprocess.Popen[str], prefix: str) -> str:
