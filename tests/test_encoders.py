@@ -19,6 +19,7 @@ import pytest
 import torch
 from conftest import read_rgb
 from PIL import Image
+from sink_pool import Sinks, shared_sinks
 
 from asyncdump import AsyncImageSink, DatasetSink
 from asyncdump._convert import to_image
@@ -63,23 +64,9 @@ def as_input(x: np.ndarray, kind: str) -> Any:
     return x if kind == "numpy" else torch.from_numpy(x)
 
 
-class Sinks:
-    def __init__(self, root: Path):
-        self.root, self.open = root, {}
-
-    def __call__(self, **kwargs: Any) -> AsyncImageSink:
-        key = repr(sorted(kwargs.items()))
-        if key not in self.open:
-            self.open[key] = AsyncImageSink(self.root / str(len(self.open)), workers=1, **kwargs)
-        return self.open[key]
-
-
 @pytest.fixture(scope="module")
 def sinks(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Sinks]:
-    shared = Sinks(tmp_path_factory.mktemp("encoders"))
-    yield shared
-    for sink in shared.open.values():
-        sink.close()
+    yield from shared_sinks(tmp_path_factory.mktemp("encoders"))
 
 
 def read_pil(path: Path) -> np.ndarray:

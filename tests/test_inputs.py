@@ -11,7 +11,6 @@ import gc
 import weakref
 from collections.abc import Iterator
 from contextlib import nullcontext
-from pathlib import Path
 from typing import Any
 
 import cv2
@@ -19,8 +18,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import read_rgb, torchvision_pixels
-
-from asyncdump import AsyncImageSink
+from sink_pool import Sinks, shared_sinks
 
 PATHS = [
     "numpy",
@@ -58,27 +56,9 @@ def hwc(x: np.ndarray) -> np.ndarray:
     return out[..., 0] if out.shape[-1] == 1 else out
 
 
-class Sinks:
-    """Sinks shared by this module's tests, one per configuration: starting workers for every
-    test would dominate the run time. Default names ({index}) never collide."""
-
-    def __init__(self, root: Path):
-        self.root = root
-        self.open: dict[str, AsyncImageSink] = {}
-
-    def __call__(self, **kwargs: Any) -> AsyncImageSink:
-        key = repr(sorted(kwargs.items()))
-        if key not in self.open:
-            self.open[key] = AsyncImageSink(self.root / str(len(self.open)), workers=1, **kwargs)
-        return self.open[key]
-
-
 @pytest.fixture(scope="module")
 def sinks(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Sinks]:
-    shared = Sinks(tmp_path_factory.mktemp("inputs"))
-    yield shared
-    for sink in shared.open.values():
-        sink.close()
+    yield from shared_sinks(tmp_path_factory.mktemp("inputs"))
 
 
 RNG = np.random.default_rng(7)
