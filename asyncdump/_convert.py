@@ -14,52 +14,52 @@ Imports numpy and cv2 only (this runs in the workers, which never import torch).
 
 from __future__ import annotations
 
-from typing import Any
-
 import cv2
 import numpy as np
+
+from asyncdump._protocol import FloatRule, ImageSpec
 
 BGR_ORDER = {1: [0], 3: [2, 1, 0], 4: [2, 1, 0, 3]}
 RGB_ORDER = {1: [0], 3: [0, 1, 2], 4: [0, 1, 2, 3]}
 _FLOATS = ("float16", "bfloat16", "float32", "float64")
 
 
-def to_image(raw: np.ndarray, spec: dict[str, Any], rgb: bool = False) -> np.ndarray:
+def to_image(raw: np.ndarray, spec: ImageSpec, rgb: bool = False) -> np.ndarray:
     """One image's raw bytes from the buffer -> ``(H, W)`` or ``(H, W, C)`` for an encoder.
 
     ``rgb``: RGB(A) channel order (fpng) instead of OpenCV's BGR(A). The result may be a
     read-only view of ``raw`` when no conversion is needed.
     """
-    channels, height, width = spec["chw"]
-    dtype = spec["dtype"]
-    if spec["converted"]:  # staged on the GPU: already in the encoder's layout and order
+    channels, height, width, dtype = spec.channels, spec.height, spec.width, spec.dtype
+    if spec.converted:  # staged on the GPU: already in the encoder's layout and order
         img = raw.view(dtype).reshape(height, width, channels)
         return img[..., 0] if channels == 1 else img
     order = (RGB_ORDER if rgb else BGR_ORDER)[channels]
     storage = "uint16" if dtype == "bfloat16" else dtype
     values = raw.view(storage)
-    if spec["layout"] == "nchw":
+    if spec.layout == "nchw":
         planes = values.reshape(channels, height * width)
     else:
         planes = values.reshape(height * width, channels).T  # strided views, one per channel
     if dtype in _FLOATS:
+        assert spec.rule is not None, "float input needs the conversion rule"
         out = np.empty((channels, height * width), np.uint8)
         scratch = np.empty(height * width, np.float32)
         for k, source in enumerate(order):
-            _convert_plane(planes[source], dtype, spec["conversion"], source, scratch)
+            _convert_plane(planes[source], dtype, spec.rule, source, scratch)
             np.copyto(out[k], scratch, casting="unsafe")  # truncation of a value in [0, 255]
         return _interleave(out, list(range(channels)), height, width)
     if dtype == "bool":
         img = _interleave(planes.view(np.uint8), order, height, width, copy=True)
         np.multiply(img, 255, out=img)
         return img
-    if spec["layout"] == "nhwc" and order == RGB_ORDER[channels]:
+    if spec.layout == "nhwc" and order == RGB_ORDER[channels]:
         hwc = values.reshape(height, width, channels)  # already what the encoder takes
         return hwc[..., 0] if channels == 1 else hwc
     return _interleave(planes, order, height, width)
 
 
-def to_opencv_image(raw: np.ndarray, spec: dict[str, Any]) -> np.ndarray:
+def to_opencv_image(raw: np.ndarray, spec: ImageSpec) -> np.ndarray:
     """``to_image`` in OpenCV's BGR(A) order (what ``cv2.imencode`` takes)."""
     return to_image(raw, spec, rgb=False)
 
@@ -73,11 +73,11 @@ def _interleave(planes: np.ndarray, order: list[int], height: int, width: int,
     return cv2.merge([np.ascontiguousarray(planes[c]).reshape(height, width) for c in order])
 
 
-def _convert_plane(plane: np.ndarray, dtype: str, conv: dict[str, Any], channel: int,
+def _convert_plane(plane: np.ndarray, dtype: str, rule: FloatRule, channel: int,
                    y: np.ndarray) -> None:
     """The float rule on one channel plane, into the float32 scratch ``y`` (in [0, 255.5])."""
-    std, mean = conv["std"], conv["mean"]
-    lo, hi = conv["value_range"]
+    std, mean = rule.std, rule.mean
+    lo, hi = rule.value_range
     plain = dtype == "float32" and std is None and (lo, hi) == (0.0, 1.0)
     if plain:  # the common case: the first op reads the buffer directly
         np.multiply(plane, np.float32(255.0), out=y)
@@ -86,7 +86,7 @@ def _convert_plane(plane: np.ndarray, dtype: str, conv: dict[str, Any], channel:
     else:
         np.copyto(y, plane, casting="unsafe")  # float16/64 -> float32, as the rule computes
     if not plain:
-        if std is not None:
+        if std is not None and mean is not None:
             y *= np.float32(std[channel])
             y += np.float32(mean[channel])
         if (lo, hi) != (0.0, 1.0):  # for (0, 1) the clamp and scale are exact no-ops

@@ -12,3 +12,11 @@ def fsync_folder(folder: str | os.PathLike[str]) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def unlink_quietly(path: str | os.PathLike[str]) -> None:
+    """Remove ``path`` if it exists; errors are ignored (used on cleanup paths)."""
+    try:
+        os.unlink(path)
+    except OSError:
+        pass

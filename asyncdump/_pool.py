@@ -22,6 +22,8 @@ from typing import Any
 
 import psutil
 
+from ._protocol import Stop
+
 _PACKAGE_PARENT = str(Path(__file__).resolve().parent.parent)
 
 
@@ -31,7 +33,7 @@ class WorkerProcess:
 
     process: subprocess.Popen[bytes]
     conn: Connection
-    inflight: dict[int, Any] = field(default_factory=dict)  # job id -> job (collector-owned)
+    inflight: dict[int, Any] = field(default_factory=dict)  # job id -> Job (collector-owned)
     inflight_images: int = 0
     ready: bool = False  # it imported cv2, mapped the buffer and said so
     replaces_death_at: float | None = None  # perf_counter when the worker it replaces died
@@ -73,29 +75,27 @@ def start_worker(buffer_fd: int, buffer_bytes: int) -> WorkerProcess:
 
 
 def stop_workers(workers: list[WorkerProcess], timeout: float, close: bool = True) -> None:
-    """Ask all to stop at once, then SIGTERM (temp files are removed), then SIGKILL; reap all.
+    """Ask all to stop, then SIGTERM (temp files are removed), then SIGKILL; reap all.
 
-    Asking all before waiting for any makes close take one worker's exit time, not the sum.
-    With ``close=False`` their sockets stay open, so reports already sent can still be read.
+    Each phase signals every worker before waiting for any, under one deadline per phase, so
+    close takes about one worker's exit time, not the sum. With ``close=False`` their sockets
+    stay open, so reports already sent can still be read.
     """
     for worker in workers:
-        try:
-            worker.conn.send(("stop",))
-        except OSError:
-            pass
-    deadline = time.monotonic() + timeout
-    for sig in (None, signal.SIGTERM, signal.SIGKILL):
-        for worker in workers:
-            if worker.process.poll() is not None:
-                continue
-            if sig is not None:
+        with contextlib.suppress(OSError):
+            worker.conn.send(Stop())
+    for sig, wait in ((None, timeout), (signal.SIGTERM, 2.0), (signal.SIGKILL, 2.0)):
+        running = [w for w in workers if w.process.poll() is None]
+        if not running:
+            break
+        if sig is not None:
+            for worker in running:
                 with contextlib.suppress(ProcessLookupError):
                     worker.process.send_signal(sig)
-            wait = max(0.0, deadline - time.monotonic()) if sig is None else 2.0
+        deadline = time.monotonic() + wait
+        for worker in running:
             with contextlib.suppress(subprocess.TimeoutExpired):
-                worker.process.wait(timeout=wait)
-        if all(worker.process.poll() is not None for worker in workers):
-            break
+                worker.process.wait(timeout=max(0.0, deadline - time.monotonic()))
     if close:
         for worker in workers:
             worker.conn.close()

@@ -1,19 +1,16 @@
-"""Validate what ``submit`` got and copy it into the staging buffer.
+"""Validate what ``submit`` got and copy host batches into the staging buffer.
 
-The only module on the hot path that touches torch, and it never imports it: a tensor can only
-reach ``submit`` if the caller already imported torch, so ``sys.modules`` has it.
+It never imports torch: a tensor can only reach ``submit`` if the caller already imported
+torch, so ``sys.modules`` has it. CUDA batches are staged by ``_device``.
 
     numpy array / CPU tensor   one copy of the raw values into the buffer (numpy's single-
                                threaded copy: torch's threaded ``copy_`` wakes its pool on every
                                call and steals the workers' cores); the worker converts.
-    CUDA tensor                converted on the GPU to uint8 (or uint16) HWC in the encoder's
-                               channel order (RGB for fpng, BGR for OpenCV), then
-                               ``copy_(non_blocking=True)`` into the page-locked buffer and an
-                               event recorded on the current stream: no host synchronisation.
 """
 
 from __future__ import annotations
 
+import functools
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -22,6 +19,7 @@ from typing import Any
 import numpy as np
 
 from ._codecs import Codec
+from ._protocol import FloatRule, ImageSpec
 
 NUMPY_DTYPES = {"float16", "float32", "float64", "uint8", "uint16", "bool"}
 TORCH_DTYPES = {
@@ -43,7 +41,33 @@ class Conversion:
     mean: tuple[float, ...] | None
     std: tuple[float, ...] | None
 
-    def for_channels(self, channels: int) -> dict[str, Any]:
+    @classmethod
+    def parse(cls, value_range: Any, mean: Any, std: Any) -> Conversion:
+        """Validate the sink's ``value_range``/``mean``/``std`` arguments."""
+        try:
+            lo, hi = (float(v) for v in value_range)
+        except (TypeError, ValueError):
+            raise ValueError(f"value_range must be a pair of numbers (lo, hi), got {value_range!r}") \
+                from None
+        if not lo < hi:
+            raise ValueError(f"value_range must have lo < hi, got {value_range!r}")
+        if (mean is None) != (std is None):
+            raise ValueError("give both mean and std (as for transforms.Normalize) or neither")
+        if mean is None:
+            return cls((lo, hi), None, None)
+        try:
+            mean_t = tuple(float(v) for v in mean)
+            std_t = tuple(float(v) for v in std)
+        except (TypeError, ValueError):
+            raise ValueError(f"mean and std must be sequences of numbers, got {mean!r}, {std!r}") \
+                from None
+        if not mean_t or len(mean_t) != len(std_t):
+            raise ValueError(f"mean and std must have the same length (1 or one per channel), "
+                             f"got {len(mean_t)} and {len(std_t)}")
+        return cls((lo, hi), mean_t, std_t)
+
+    @functools.lru_cache(maxsize=8)  # noqa: B019 - a handful of channel counts per sink
+    def for_channels(self, channels: int) -> FloatRule:
         """The parameters a worker needs, with mean/std broadcast to ``channels``."""
         def fit(values: tuple[float, ...] | None, what: str) -> list[float] | None:
             if values is None:
@@ -54,8 +78,7 @@ class Conversion:
                 raise ValueError(f"{what} has {len(values)} values but the images have "
                                  f"{channels} channel(s); give one value or one per channel")
             return list(values)
-        return {"value_range": self.value_range, "mean": fit(self.mean, "mean"),
-                "std": fit(self.std, "std")}
+        return FloatRule(self.value_range, fit(self.mean, "mean"), fit(self.std, "std"))
 
 
 @dataclass(frozen=True)
@@ -72,14 +95,15 @@ class Batch:
     layout: str  # "nchw" | "nhwc"
     image_bytes: int
 
-    @property
-    def spec(self) -> dict[str, Any]:
-        """The per-image description a worker needs (conversion added by the sink)."""
-        return {"chw": (self.channels, self.height, self.width), "dtype": self.dtype,
-                "layout": self.layout, "converted": self.on_cuda}
+    def spec(self, encoder: str, rule: FloatRule | None) -> ImageSpec:
+        """The per-image description a worker needs; ``rule`` only where the worker converts."""
+        needs_rule = not self.on_cuda and self.dtype in FLOAT_DTYPES
+        return ImageSpec(self.channels, self.height, self.width, self.dtype, self.layout,
+                         self.on_cuda, encoder, rule if needs_rule else None)
 
 
-def _torch_module() -> Any:
+def torch_module() -> Any:
+    """torch if the program imported it, else None (this module never imports it)."""
     return sys.modules.get("torch")
 
 
@@ -101,7 +125,7 @@ def _channels_error(shape: Sequence[int], channels: int) -> ValueError:
 
 def inspect(images: Any, codec: Codec) -> Batch:
     """Check type, shape, dtype and format support; raise TypeError/ValueError naming the fix."""
-    torch = _torch_module()
+    torch = torch_module()
     is_tensor = torch is not None and isinstance(images, torch.Tensor)
     if not is_tensor and not isinstance(images, np.ndarray):
         raise TypeError(f"images must be a torch.Tensor or numpy.ndarray, got {type(images).__name__}")
@@ -163,69 +187,10 @@ def inspect(images: Any, codec: Codec) -> Batch:
     return Batch(source, on_cuda, count, channels, height, width, stored, layout, image_bytes)
 
 
-def copy_to_host(batch: Batch, start: int, stop: int, destination: np.ndarray) -> None:
+def copy_into_buffer(batch: Batch, start: int, stop: int, destination: np.ndarray) -> None:
     """Copy images ``start:stop`` of a host batch into a uint8 view of the buffer (one memcpy
     when the source is contiguous)."""
     part = batch.source[start:stop]
     storage = "uint16" if batch.dtype == "bfloat16" else batch.dtype
     # "equiv": a byte-swapped (big-endian) array is converted, never reinterpreted
     np.copyto(destination.view(storage).reshape(part.shape), part, casting="equiv")
-
-
-class DeviceStager:
-    """Converts CUDA batches on their device and copies them into the pinned buffer.
-
-    Caches mean/std as device tensors per device (creating them synchronises once).
-    """
-
-    def __init__(self, conversion: Conversion):
-        self.conversion = conversion
-        self._affine: dict[tuple[str, int], tuple[Any, Any]] = {}
-        self._orders: dict[tuple[str, int], Any] = {}  # BGR(A) channel index per device
-
-    def to_uint8_bgr_hwc(self, batch: Batch, start: int, stop: int) -> Any:
-        """Images ``start:stop`` as a contiguous uint8 (or uint16) NHWC BGR(A) tensor."""
-        return self.to_uint8_hwc(batch, start, stop, rgb=False)
-
-    def to_uint8_hwc(self, batch: Batch, start: int, stop: int, rgb: bool) -> Any:
-        """Images ``start:stop`` as a contiguous uint8 (or uint16) NHWC tensor in the encoder's
-        order: RGB(A) for fpng (``rgb``), BGR(A) for OpenCV. One permute-copy, no reorder pass."""
-        torch = _torch_module()
-        x = batch.source[start:stop]
-        if x.dtype.is_floating_point:
-            x = x.float()
-            if self.conversion.std is not None:
-                std, mean = self._device_affine(x.device, batch.channels)
-                x = x * std + mean
-            lo, hi = self.conversion.value_range
-            if (lo, hi) != (0.0, 1.0):
-                x = x.clamp(lo, hi).sub_(lo).div_(max(hi - lo, 1e-5))
-            x = x.mul(255.0).add_(0.5).clamp_(0.0, 255.0)
-            x = torch.nan_to_num_(x, nan=0.0).to(torch.uint8)
-        elif x.dtype == torch.bool:
-            x = x.to(torch.uint8).mul_(255)
-        hwc = x.permute(0, 2, 3, 1)
-        if rgb or batch.channels == 1:
-            return hwc.contiguous()
-        order = self._bgr_index(x.device, batch.channels)
-        return hwc.index_select(3, order).contiguous()  # one gather: layout and order at once
-
-    def _bgr_index(self, device: Any, channels: int) -> Any:
-        key = (str(device), channels)
-        if key not in self._orders:
-            torch = _torch_module()
-            order = [2, 1, 0] if channels == 3 else [2, 1, 0, 3]
-            self._orders[key] = torch.tensor(order, device=device)
-        return self._orders[key]
-
-    def _device_affine(self, device: Any, channels: int) -> tuple[Any, Any]:
-        key = (str(device), channels)
-        if key not in self._affine:
-            torch = _torch_module()
-            params = self.conversion.for_channels(channels)
-            shape = (1, channels, 1, 1)
-            self._affine[key] = (
-                torch.tensor(params["std"], dtype=torch.float32, device=device).view(shape),
-                torch.tensor(params["mean"], dtype=torch.float32, device=device).view(shape),
-            )
-        return self._affine[key]

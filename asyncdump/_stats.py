@@ -25,6 +25,7 @@ class SinkStats:
     images_per_second: float  # written / elapsed_seconds
     workers: int
     worker_restarts: int
+    max_restart_seconds: float  # longest from a worker's death to its replacement being ready
     worker_rss_bytes: int  # resident memory of all workers now (psutil)
     elapsed_seconds: float  # since the sink was created
 
@@ -43,3 +44,4 @@ class Counters:
     failed: int = 0
     bytes_written: int = 0
     worker_restarts: int = 0
+    max_restart_seconds: float = 0.0

@@ -1,16 +1,10 @@
 """A worker process: view pixels in the shared buffer, convert, encode, write atomically.
 
-Started by the pool as ``python -m asyncdump._worker SOCKET_FD BUFFER_FD BUFFER_BYTES``.
+Started by the pool as ``python -m asyncdump._worker SOCKET_FD BUFFER_FD BUFFER_BYTES PARENT_PID``
+(PARENT_PID tells it whether the parent died before it could ask to be told).
 Imports numpy and cv2 (and fpng on first use), never torch (a test checks ``sys.modules``).
-
-Once started: ("ready", pid, 0). Per image, the messages home are:
-    ("encoded", job, i)                  the complete temp file is on disk: pixels may be reused
-    ("written", job, i, nbytes, sha256)  renamed to its final name (and fsynced if asked)
-    ("failed", job, i, errno, message, traceback)
-or, for encode-only jobs (``sink.encode``), just
-    ("bytes", job, i, encoded_file_bytes, sha256)
-sha256 is the file's hex digest when the job asks for it (``"sha256": True``), else None.
-The spec's "encoder" picks fpng (8-bit RGB/RGBA PNG, RGB order) or OpenCV (BGR order).
+It speaks the records of ``_protocol``: runs each ``RunJob`` in order and reports every image.
+The spec's encoder picks fpng (8-bit RGB/RGBA PNG, RGB order) or OpenCV (BGR order).
 """
 
 from __future__ import annotations
@@ -30,7 +24,20 @@ import cv2
 import numpy as np
 
 from asyncdump._convert import to_image, to_opencv_image
-from asyncdump._fsutil import fsync_folder
+from asyncdump._fsutil import fsync_folder, unlink_quietly
+from asyncdump._protocol import (
+    Encoded,
+    EncodedBytes,
+    Failed,
+    JobSettings,
+    Probe,
+    ProbeAnswer,
+    Ready,
+    Report,
+    RunJob,
+    Stop,
+    Written,
+)
 
 __all__ = ["main", "run_job", "to_opencv_image"]
 
@@ -73,31 +80,26 @@ def _write_temp(temp: str, data: memoryview, fsync: bool) -> None:
                 handle.flush()
                 os.fsync(handle.fileno())
     except BaseException:
-        _unlink_quietly(temp)
+        unlink_quietly(temp)
         raise
 
 
-def _unlink_quietly(path: str) -> None:
-    with contextlib.suppress(OSError):
-        os.unlink(path)
-
-
-def _report(conn: Connection, message: tuple[Any, ...]) -> None:
+def _report(conn: Connection, message: Report) -> None:
     # OSError: the parent is gone; keep writing what we were given, with nobody to tell.
     with contextlib.suppress(OSError):
         conn.send(message)
 
 
-def _encode(img: np.ndarray, job: dict[str, Any], params: list[int]) -> Any:
+def _encode(img: np.ndarray, settings: JobSettings, params: list[int]) -> Any:
     """The encoded file as a buffer (``bytes`` from fpng, a uint8 array from OpenCV)."""
-    if job["spec"].get("encoder") == "fpng":
+    if settings.spec.encoder == "fpng":
         data = _fpng().from_ndarray(img)
         if not data:
             raise RuntimeError(f"fpng returned no bytes for a {img.dtype} image of shape {img.shape}")
         return data
-    ok, encoded = cv2.imencode(job["ext"], img, params)
+    ok, encoded = cv2.imencode(settings.extension, img, params)
     if not ok:
-        raise RuntimeError(f"cv2.imencode({job['ext']!r}) returned False")
+        raise RuntimeError(f"cv2.imencode({settings.extension!r}) returned False")
     return encoded
 
 
@@ -113,39 +115,38 @@ def _fpng() -> Any:
     return _fpng_module
 
 
-def run_job(conn: Connection, buffer: np.ndarray, job: dict[str, Any]) -> None:
+def run_job(conn: Connection, buffer: np.ndarray, job: RunJob) -> None:
     """Encode and write every image of one job, reporting each step home."""
-    job_id = job["id"]
+    settings = job.settings
     params: list[int] = []
-    for flag, value in job["params"]:
+    for flag, value in settings.params:
         params += [int(getattr(cv2, flag)), int(value)]
-    nbytes = job["image_bytes"]
-    rgb = job["spec"].get("encoder") == "fpng"
-    digest = job.get("sha256", False)
-    for i, final, temp, offset in job["items"]:
+    nbytes = settings.image_bytes
+    rgb = settings.spec.encoder == "fpng"
+    for i, final, temp, offset in job.items:
         try:
-            img = to_image(buffer[offset: offset + nbytes], job["spec"], rgb=rgb)
-            encoded = memoryview(_encode(img, job, params)).cast("B")
-            sha = hashlib.sha256(encoded).hexdigest() if digest else None
-            if job["return_bytes"]:
-                _report(conn, ("bytes", job_id, i, encoded.tobytes(), sha))
+            img = to_image(buffer[offset: offset + nbytes], settings.spec, rgb=rgb)
+            encoded = memoryview(_encode(img, settings, params)).cast("B")
+            sha = hashlib.sha256(encoded).hexdigest() if settings.sha256 else None
+            if settings.return_bytes:
+                _report(conn, EncodedBytes(job.job_id, i, encoded.tobytes(), sha))
                 continue
-            _write_temp(temp, encoded, job["fsync"])
-            _report(conn, ("encoded", job_id, i))
+            _write_temp(temp, encoded, settings.fsync)
+            _report(conn, Encoded(job.job_id, i))
             try:
                 os.replace(temp, final)
             except BaseException:
-                _unlink_quietly(temp)
+                unlink_quietly(temp)
                 raise
-            if job["fsync"]:
+            if settings.fsync:
                 fsync_folder(os.path.dirname(final))
-            _report(conn, ("written", job_id, i, encoded.nbytes, sha))
+            _report(conn, Written(job.job_id, i, encoded.nbytes, sha))
         except (SystemExit, KeyboardInterrupt):
             raise
         except BaseException as exc:
             err = exc.errno if isinstance(exc, OSError) else None
-            _report(conn, ("failed", job_id, i, err, f"{type(exc).__name__}: {exc}",
-                           traceback.format_exc()))
+            _report(conn, Failed(job.job_id, i, err, f"{type(exc).__name__}: {exc}",
+                                 traceback.format_exc()))
 
 
 def main(argv: list[str]) -> int:
@@ -155,7 +156,7 @@ def main(argv: list[str]) -> int:
     mapping = mmap.mmap(buffer_fd, buffer_bytes, prot=mmap.PROT_READ)
     buffer = np.frombuffer(mapping, dtype=np.uint8)
     conn = Connection(sock_fd)
-    _report(conn, ("ready", os.getpid(), 0))
+    _report(conn, Ready(os.getpid()))
     while True:
         if _parent_gone and not conn.poll(0):
             return 0
@@ -165,12 +166,13 @@ def main(argv: list[str]) -> int:
             message = conn.recv()
         except (EOFError, OSError):
             return 0
-        if message[0] == "stop":
-            return 0
-        if message[0] == "job":
-            run_job(conn, buffer, message[1])
-        elif message[0] == "probe":  # diagnostics: what this process has imported
-            _report(conn, ("probe", message[1], os.getpid(), sorted(sys.modules)))
+        match message:
+            case RunJob():
+                run_job(conn, buffer, message)
+            case Probe(probe_id):  # diagnostics: what this process has imported
+                _report(conn, ProbeAnswer(probe_id, os.getpid(), sorted(sys.modules)))
+            case Stop():
+                return 0
 
 
 if __name__ == "__main__":

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import concurrent.futures
+import os
+import signal
+import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from asyncdump import AsyncImageSink, BufferFullError
+from asyncdump import AsyncDumpError, AsyncImageSink, BufferFullError
 
 BATCH = np.random.default_rng(0).integers(0, 256, (4, 3, 64, 64), dtype=np.uint8)  # 48 KiB
 BUFFER = 2 * BATCH.nbytes + 1000
@@ -58,13 +61,15 @@ def test_raise_refuses_and_counts_nowhere(root: Path) -> None:
     assert stats.dropped == 0
 
 
-def test_blocked_producer_wakes_when_sink_breaks(root: Path) -> None:
+def test_blocked_producer_wakes_when_sink_breaks(root: Path,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
     sink = AsyncImageSink(root, workers=1, max_buffer_bytes=BATCH.nbytes, on_full="block")
-    try:
-        sink.submit(BATCH)
-        sink._break(RuntimeError("injected"))  # what the collector does on a fatal fault
-        with pytest.raises(Exception, match=r"broken|injected"):
-            for _ in range(20):
-                sink.submit(BATCH)
-    finally:
-        sink._shutdown(abort=RuntimeError("test over"))
+    monkeypatch.setattr(sys, "executable", "/nonexistent/python3")  # no replacement can start
+    sink.submit(BATCH)
+    os.kill(sink.worker_pids[0], signal.SIGKILL)  # a fatal fault: the sink breaks
+    with pytest.raises(AsyncDumpError, match=r"broken|no new one could be started"):
+        for _ in range(20):  # blocks on the full buffer until the sink breaks
+            sink.submit(BATCH)
+    with pytest.raises(AsyncDumpError):
+        sink.close()
+    assert sink.worker_pids == []

@@ -23,8 +23,10 @@ from sink_pool import Sinks, shared_sinks
 
 from asyncdump import AsyncImageSink, DatasetSink
 from asyncdump._convert import to_image
+from asyncdump._device import DeviceStager
 from asyncdump._manifest import DatasetError
-from asyncdump._staging import Batch, Conversion, DeviceStager
+from asyncdump._protocol import ImageSpec
+from asyncdump._staging import Batch, Conversion
 
 RNG = np.random.default_rng(11)
 FLOATS = (RNG.standard_normal((2, 4, 7, 9)) * 0.7 + 0.5).astype(np.float32)
@@ -160,8 +162,8 @@ def test_worker_conversion_makes_rgb_for_fpng_and_bgr_for_opencv(
         else x.astype(dtype)
     stored = x.transpose(1, 2, 0) if layout == "nhwc" else x
     raw = np.ascontiguousarray(stored).view(np.uint8).reshape(-1)
-    spec = {"chw": x.shape, "dtype": dtype, "layout": layout, "converted": False,
-            "conversion": Conversion((0.0, 1.0), None, None).for_channels(channels)}
+    spec = ImageSpec(*x.shape, dtype, layout, converted=False,
+                     rule=Conversion((0.0, 1.0), None, None).for_channels(channels))
     rgb, bgr = to_image(raw, spec, rgb=True), to_image(raw, spec, rgb=False)
     assert rgb.flags.c_contiguous and bgr.flags.c_contiguous
     order = {1: [0], 3: [2, 1, 0], 4: [2, 1, 0, 3]}[channels]
@@ -176,17 +178,18 @@ def test_device_staging_makes_the_encoders_order_in_one_go(channels: int, normal
     x = torch.from_numpy(FLOATS[:, :channels].copy())
     batch = Batch(x, True, 2, channels, 7, 9, "uint8", "nhwc", channels * 63)
     stager = DeviceStager(conversion)
-    rgb = stager.to_uint8_hwc(batch, 0, 2, rgb=True)
-    bgr = stager.to_uint8_hwc(batch, 0, 2, rgb=False)
+    rgb = stager.to_hwc(batch, 0, 2, rgb=True)
+    bgr = stager.to_hwc(batch, 0, 2, rgb=False)
     assert rgb.is_contiguous() and bgr.is_contiguous()
-    spec = {"chw": (channels, 7, 9), "dtype": "float32", "layout": "nchw", "converted": False,
-            "conversion": conversion.for_channels(channels)}
+    spec = ImageSpec(channels, 7, 9, "float32", "nchw", converted=False,
+                     rule=conversion.for_channels(channels))
     for i in range(2):
         raw = np.ascontiguousarray(FLOATS[i, :channels]).view(np.uint8).reshape(-1)
         want = to_image(raw, spec, rgb=True)
         got = rgb[i].numpy()
         np.testing.assert_array_equal(got[..., 0] if channels == 1 else got, want)
-    np.testing.assert_array_equal(bgr.numpy(), stager.to_uint8_bgr_hwc(batch, 0, 2).numpy())
+    order = {1: [0], 3: [2, 1, 0], 4: [2, 1, 0, 3]}[channels]
+    np.testing.assert_array_equal(bgr.numpy(), rgb.numpy()[..., order])
 
 
 # ------------------------------------------------------------------ datasets

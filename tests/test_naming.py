@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import tracemalloc
 from pathlib import Path
 
 import numpy as np
@@ -80,13 +81,25 @@ def test_collision_window_is_bounded_and_detects_recent_reuse(
         assert sink.stats.submitted == 10
         sink.submit(IMG, step=0).result(timeout=30)  # older than the window: not detected
         assert sink.stats.submitted == 12
-        assert len(sink._namer._recent) == len(sink._namer._recent_set) == 8
 
 
 def test_namer_memory_does_not_grow_with_run_length(root: Path) -> None:
-    namer = _naming.Namer(root, "{step:07d}_{batch:04d}_" + "x" * 150 + "/{batch}", ".png")
-    for step in range(3 * _naming.RECENT_PATHS):
-        paths = namer.paths(2, start_index=2 * step, step=step, names=None, fields={})
-        namer.record(paths, None)
-    assert len(namer._recent) == len(namer._recent_set) == _naming.RECENT_PATHS
-    assert len(namer._checked_dirs) <= _naming.CHECKED_FOLDERS
+    """A new 150-character name and a new folder per step: after one window of warm-up,
+    two more windows add (almost) nothing. Unbounded, they would add about 3 MB."""
+    namer = _naming.Namer(root, "{step:07d}/{batch:04d}_" + "x" * 150, ".png")
+
+    def name_steps(steps: range) -> None:
+        for step in steps:
+            namer.record(namer.paths(2, start_index=2 * step, step=step, names=None, fields={}),
+                         None)
+
+    window = _naming.RECENT_PATHS
+    tracemalloc.start()
+    try:
+        name_steps(range(window))
+        warm = tracemalloc.get_traced_memory()[0]
+        name_steps(range(window, 3 * window))
+        grown = tracemalloc.get_traced_memory()[0] - warm
+    finally:
+        tracemalloc.stop()
+    assert grown < 100_000, f"the namer grew by {grown} bytes over {4 * window} more paths"

@@ -19,6 +19,7 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
 from asyncdump import AsyncImageSink
+from asyncdump._protocol import FloatRule, ImageSpec
 from asyncdump._worker import to_opencv_image
 
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
@@ -29,10 +30,9 @@ def worker_pixels(x: np.ndarray, value_range: tuple[float, float] = (0.0, 1.0),
                   mean: Any = None, std: Any = None) -> np.ndarray:
     """What a worker encodes for one (C, H, W) float array, back in RGB(A) order."""
     c, h, w = x.shape
-    spec = {"chw": (c, h, w), "dtype": x.dtype.name, "layout": "nchw", "converted": False,
-            "conversion": {"value_range": value_range,
-                           "mean": None if mean is None else list(mean),
-                           "std": None if std is None else list(std)}}
+    rule = FloatRule(value_range, None if mean is None else list(mean),
+                     None if std is None else list(std))
+    spec = ImageSpec(c, h, w, x.dtype.name, "nchw", converted=False, rule=rule)
     raw = np.ascontiguousarray(x).view(np.uint8).reshape(-1)
     out = to_opencv_image(raw, spec)
     return out if out.ndim == 2 else out[..., RGB[c]]

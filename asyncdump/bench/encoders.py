@@ -27,11 +27,12 @@ from typing import Any
 
 import numpy as np
 
+from .._protocol import FloatRule, ImageSpec
 from .measure import Stopwatch, smooth_images, summarize_rounds, to_uint8
 
 Log = Callable[[str], None]
 ENCODERS = ("fpng", "opencv")
-SPEC_RULE = {"value_range": (0.0, 1.0), "mean": None, "std": None}
+SPEC_RULE = FloatRule((0.0, 1.0), None, None)
 
 
 def content(kind: str, count: int, size: int) -> np.ndarray:
@@ -86,8 +87,7 @@ def stage_times(float_images: np.ndarray, folder: Path) -> dict[str, float]:
     from .._convert import to_image
 
     c, h, w = float_images.shape[1:]
-    spec = {"chw": (c, h, w), "dtype": "float32", "layout": "nchw", "converted": False,
-            "conversion": SPEC_RULE}
+    spec = ImageSpec(c, h, w, "float32", "nchw", converted=False, rule=SPEC_RULE)
     folder.mkdir(parents=True, exist_ok=True)
     steps: dict[str, list[float]] = {k: [] for k in (
         "conversion (fpng layout)", "conversion (opencv layout)", "encode fpng", "encode opencv",
@@ -150,8 +150,7 @@ def _plain_sink_work(name: str, start: int, stop: int, folder: str) -> int:
 
     images = _FORKED[name][start:stop]
     c, h, w = images.shape[1:]
-    spec = {"chw": (c, h, w), "dtype": "float32", "layout": "nchw", "converted": False,
-            "conversion": SPEC_RULE}
+    spec = ImageSpec(c, h, w, "float32", "nchw", converted=False, rule=SPEC_RULE)
     for i, image in enumerate(images):
         rgb = to_image(np.ascontiguousarray(image).view(np.uint8).reshape(-1), spec, rgb=True)
         data = encode_one(rgb, "fpng")

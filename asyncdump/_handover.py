@@ -1,0 +1,79 @@
+"""The hand-over from producers (and the CUDA copy waiter) to the collector thread.
+
+A queue of ready jobs plus a wake-up pipe the collector waits on beside the workers' sockets.
+Producers write to the pipe only when the collector may be asleep: each write lets the
+collector take the GIL while the producer is in the syscall, which cost ``submit`` up to
+milliseconds when done every time. Like CPython's ``_ThreadWakeup``, a closed flag under a lock
+keeps a late wake-up from writing to a closed (and perhaps reused) file descriptor.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import threading
+from collections import deque
+from collections.abc import Iterable, Sequence
+from multiprocessing.connection import Connection
+from multiprocessing.connection import wait as wait_for_ready
+from typing import Any
+
+
+class HandOver:
+    """Producers ``put`` jobs; the collector ``wait``s, then ``take``s them."""
+
+    def __init__(self) -> None:
+        self._ready: deque[Any] = deque()
+        self._reader, self._writer = os.pipe()
+        os.set_blocking(self._reader, False)
+        os.set_blocking(self._writer, False)
+        self._lock = threading.Lock()
+        self._closed = False
+        self._may_sleep = True  # the collector may be asleep: a hand-over must wake it
+
+    def put(self, items: Iterable[Any]) -> None:
+        """Queue jobs (or NotStaged records) for the collector."""
+        self._ready.extend(items)
+        if self._may_sleep:
+            self._may_sleep = False
+            self.wake()
+
+    def wake(self) -> None:
+        """Wake the collector (to stop, answer a probe, or see a broken sink)."""
+        with self._lock:
+            if not self._closed:
+                with contextlib.suppress(BlockingIOError, OSError):  # full: it will wake anyway
+                    os.write(self._writer, b"\0")
+
+    def wait(self, conns: Sequence[Connection]) -> list[Connection]:
+        """Collector: sleep until a worker socket is readable or something is handed over.
+
+        Returns the readable sockets; it does not sleep while jobs are ready.
+        """
+        # From here on producers must wake us; anything queued before is seen right now.
+        self._may_sleep = True
+        readable = wait_for_ready([self._reader, *conns], 0 if self._ready else None)
+        self._may_sleep = False  # awake: new jobs are picked up without a wake-up
+        if self._reader in readable:
+            with contextlib.suppress(BlockingIOError):
+                os.read(self._reader, 65536)
+        return [conn for conn in readable if conn != self._reader]  # type: ignore[misc]
+
+    def take(self) -> list[Any]:
+        """Collector: everything handed over so far, in order."""
+        items = []
+        while self._ready:
+            items.append(self._ready.popleft())
+        return items
+
+    def __bool__(self) -> bool:
+        return bool(self._ready)
+
+    def close(self) -> None:
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            for fd in (self._reader, self._writer):
+                with contextlib.suppress(OSError):
+                    os.close(fd)
