@@ -21,9 +21,11 @@ def usable_cores() -> int:
         return max(1, os.cpu_count() or 1)
 
 
-def default_workers() -> int:
-    """One core stays with the training loop: workers = usable cores - 1, at least 1."""
-    return max(1, min(usable_cores() - 1, MAX_DEFAULT_WORKERS))
+def default_workers(ranks_on_this_machine: int = 1) -> int:
+    """One core stays with each training loop: the rank's share of the usable cores - 1,
+    at least 1 and at most MAX_DEFAULT_WORKERS."""
+    per_rank = usable_cores() // max(1, ranks_on_this_machine)
+    return max(1, min(per_rank - 1, MAX_DEFAULT_WORKERS))
 
 
 def available_memory_bytes() -> int:

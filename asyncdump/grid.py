@@ -349,6 +349,8 @@ _SINKS = _Sinks()
 atexit.register(_SINKS.close_all)
 
 
+# The parameters repeat make_grid's on purpose: both copy torchvision's signatures exactly, so
+# that swapping the import is all a user changes (a shared **kwargs would hide them from IDEs).
 def save_image(
     tensor: Any,
     fp: str | os.PathLike[str],

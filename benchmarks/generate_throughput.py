@@ -77,8 +77,7 @@ def main() -> None:
                         help="encoder processes for files, tar and drain (default: as DatasetSink)")
     parser.add_argument("--out", default="/tmp/asyncdump_generate_bench")
     args = parser.parse_args()
-    workers = args.workers or max(1, min(_defaults.usable_cores() - 1,
-                                         _defaults.MAX_DEFAULT_WORKERS))
+    workers = args.workers or _defaults.default_workers()
     torch.set_num_threads(1)  # as `asyncdump generate` does on the CPU: the other cores encode
     root = Path(args.out)
     results: dict[tuple[int, str], list[float]] = {}
