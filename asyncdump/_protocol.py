@@ -6,7 +6,8 @@ records below, pickled over the worker's socket. Imports nothing heavy, because 
 
     parent -> worker   RunJob · Probe · Stop
     worker -> parent   Ready once it has started, then per image of a file job
-                           Encoded (the complete temp file is on disk: the pixels may be reused)
+                           with fsync only: Encoded (the complete temp file is on disk, the
+                           pixels may be reused while the fsyncs run),
                            then Written (renamed to its final name) or Failed;
                        per image of an encode-only job EncodedBytes or Failed;
                        ProbeAnswer per Probe.

@@ -132,7 +132,8 @@ def run_job(conn: Connection, buffer: np.ndarray, job: RunJob) -> None:
                 _report(conn, EncodedBytes(job.job_id, i, encoded.tobytes(), sha))
                 continue
             _write_temp(temp, encoded, settings.fsync)
-            _report(conn, Encoded(job.job_id, i))
+            if settings.fsync:  # the pixels may be reused before the slow fsyncs are done
+                _report(conn, Encoded(job.job_id, i))
             try:
                 os.replace(temp, final)
             except BaseException:

@@ -120,6 +120,28 @@ def test_workers_dying_at_start_break_the_sink(root: Path, tmp_path: Path,
     assert sink.stats.failed == 2 and sink.stats.written == 0
 
 
+def test_killed_workers_lose_nothing_with_fsync(root: Path) -> None:
+    """With fsync, a worker reports each synced temp file (Encoded) before its rename: a dead
+    worker's synced files are renamed into place by the parent, the rest re-sent."""
+    per_batch, batches = 20, 10
+    with AsyncImageSink(root, workers=2, fsync=True) as sink:
+        for b in range(batches):
+            if b in (3, 6):
+                while len(sink.worker_modules()) < sink.workers:
+                    time.sleep(0.01)
+            sink.submit(indexed_batch(b * per_batch, per_batch))
+            if b in (3, 6):
+                for pid in sink.worker_pids:
+                    os.kill(pid, signal.SIGKILL)
+    stats = sink.stats
+    assert stats.worker_restarts == 4
+    assert stats.written == stats.submitted == per_batch * batches and stats.failed == 0
+    expected = indexed_batch(0, per_batch * batches)
+    for i in range(per_batch * batches):
+        np.testing.assert_array_equal(read_rgb(root / f"{i:08d}.png"), expected[i].transpose(1, 2, 0))
+    assert not no_temp_files(root)
+
+
 def test_no_replacement_possible_breaks_the_sink(root: Path,
                                                  monkeypatch: pytest.MonkeyPatch) -> None:
     sink = AsyncImageSink(root, workers=1)
