@@ -10,6 +10,7 @@ keeps a late wake-up from writing to a closed (and perhaps reused) file descript
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import os
 import threading
 from collections import deque
@@ -42,8 +43,7 @@ class HandOver:
         """Wake the collector (to stop, answer a probe, or see a broken sink)."""
         with self._lock:
             if not self._closed:
-                with contextlib.suppress(BlockingIOError, OSError):  # full: it will wake anyway
-                    os.write(self._writer, b"\0")
+                _write_keeping_the_gil(self._writer)
 
     def wait(self, conns: Sequence[Connection]) -> list[Connection]:
         """Collector: sleep until a worker socket is readable or something is handed over.
@@ -77,3 +77,31 @@ class HandOver:
             for fd in (self._reader, self._writer):
                 with contextlib.suppress(OSError):
                     os.close(fd)
+
+
+def _libc_write() -> Any:
+    try:
+        write = ctypes.PyDLL(None).write  # PyDLL: the call keeps the GIL
+    except (OSError, AttributeError):
+        return None
+    write.argtypes = (ctypes.c_int, ctypes.c_char_p, ctypes.c_size_t)
+    write.restype = ctypes.c_ssize_t
+    return write
+
+
+_LIBC_WRITE = _libc_write()
+
+
+def _write_keeping_the_gil(fd: int) -> None:
+    """Write one byte to the wake-up pipe without releasing the GIL.
+
+    ``os.write`` releases it, and the collector, woken by that very byte, takes it during the
+    syscall; the producer then waits for the GIL until the collector blocks again (its whole
+    dispatch, often a millisecond or more). Kept, the collector runs when the producer next
+    releases the GIL (its next blocking call, or the interpreter's switch interval).
+    """
+    if _LIBC_WRITE is not None:
+        _LIBC_WRITE(fd, b"\0", 1)  # a full pipe (EAGAIN) is fine: the collector wakes anyway
+        return
+    with contextlib.suppress(BlockingIOError, OSError):
+        os.write(fd, b"\0")
