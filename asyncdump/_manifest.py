@@ -261,3 +261,25 @@ def write_merged_manifest(root: Path, entries: dict[int, dict[str, Any]], fsync:
         if path.name != MANIFEST_FILE:
             with contextlib.suppress(OSError):
                 path.unlink()
+
+
+def prepare_root(root: Path, layout: Layout, record: dict[str, Any], resume: bool,
+                 fsync: bool) -> None:
+    """Rank 0 at the start of a run: refuse an existing dataset without ``resume``; else write
+    ``dataset.json`` (new dataset) or check the job and keep only durable manifest entries."""
+    existing = holds_dataset(root) if root.is_dir() else None
+    if existing is not None and not resume:
+        raise DatasetError(f"{root} already holds a dataset ({existing}); pass resume "
+                           "(--resume) to continue it, or choose another output folder")
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        if existing is None:
+            write_atomically(root / DATASET_FILE,
+                             json.dumps(record, indent=2, sort_keys=True) + "\n", fsync)
+            return
+    except OSError as exc:
+        raise DatasetError(f"cannot write to {root}: {exc.strerror or exc}") from None
+    check_job(root, record)
+    entries = read_manifests(root, layout.count)
+    remove_temp_files(root)
+    write_merged_manifest(root, durable_entries(root, layout, entries), fsync)
