@@ -21,17 +21,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ._errors import AsyncDumpError
+from ._errors import DatasetError
 
 DATASET_FILE = "dataset.json"
 MANIFEST_FILE = "manifest.jsonl"
 LAYOUT_VERSION = 1
 _RANK_MANIFEST = re.compile(r"^manifest\.rank(\d+)\.jsonl$")
 _TEMP_NAME = re.compile(r"^\..*\.tmp$")
-
-
-class DatasetError(AsyncDumpError):
-    """A dataset directory that cannot be used as asked (existing, foreign or corrupt manifest)."""
 
 
 @dataclass(frozen=True)

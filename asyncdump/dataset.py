@@ -47,10 +47,9 @@ from . import _defaults
 from ._codecs import encode_params, get_codec
 from ._committer import Committer
 from ._encoders import check_png_encoder
-from ._errors import AsyncDumpError
+from ._errors import AsyncDumpError, DatasetError
 from ._manifest import (
     MANIFEST_FILE,
-    DatasetError,
     Layout,
     job_record,
     parts_done,

@@ -3,7 +3,7 @@
 from pathlib import Path
 
 import asyncdump
-from asyncdump import AsyncDumpError, BufferFullError
+from asyncdump import AsyncDumpError, BufferFullError, DatasetError
 
 
 def test_all_is_pinned_and_sorted() -> None:
@@ -21,6 +21,7 @@ def test_version_and_typed_marker() -> None:
 
 def test_error_hierarchy() -> None:
     assert issubclass(BufferFullError, AsyncDumpError)
+    assert issubclass(DatasetError, AsyncDumpError)
     assert issubclass(AsyncDumpError, Exception)
 
 

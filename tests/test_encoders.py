@@ -21,10 +21,9 @@ from conftest import read_rgb
 from PIL import Image
 from sink_pool import Sinks, shared_sinks
 
-from asyncdump import AsyncImageSink, DatasetSink
+from asyncdump import AsyncImageSink, DatasetError, DatasetSink
 from asyncdump._convert import to_image
 from asyncdump._device import DeviceStager
-from asyncdump._manifest import DatasetError
 from asyncdump._protocol import ImageSpec
 from asyncdump._staging import Batch, Conversion
 
