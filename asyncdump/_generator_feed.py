@@ -51,7 +51,7 @@ def feed(sink: Any, produce: Generator, spec: str, batch_size: int, codec: Codec
             images, metadata = _make(produce, spec, first, codec, first=True)
         except GeneratorFailed as exc:
             problem = exc
-    verdicts = sink._ranks.gather(None if problem is None else problem.raised)
+    verdicts = sink.ranks.gather(None if problem is None else problem.raised)
     failed = [(rank, raised) for rank, raised in enumerate(verdicts) if raised is not None]
     if failed:
         if problem is not None:

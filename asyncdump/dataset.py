@@ -224,6 +224,12 @@ class DatasetSink:
 
     # ------------------------------------------------------------------ caller side
     @property
+    def ranks(self) -> Ranks:
+        """The ranks this sink coordinates with (``rank``, ``world``, ``barrier()``,
+        ``gather()``, ``broadcast()``); for asyncdump's own commands, read-only."""
+        return self._ranks
+
+    @property
     def remaining(self) -> int:
         """Images of this rank not yet submitted."""
         return self._remaining
