@@ -125,7 +125,7 @@ WITHOUT_FPNG = """
 import sys, numpy as np
 sys.modules["fpng"] = None  # import fpng now raises ImportError
 from asyncdump import AsyncImageSink
-from asyncdump.info import collect
+from asyncdump.cli.info import collect
 print(collect()["png encoder (auto)"])
 try:
     AsyncImageSink(sys.argv[1], png_encoder="fpng")

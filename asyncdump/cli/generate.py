@@ -15,9 +15,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from ._codecs import CODECS, get_codec
-from ._encoders import PNG_ENCODERS
-from ._errors import AsyncDumpError
+from .._codecs import CODECS, get_codec
+from .._encoders import PNG_ENCODERS
+from .._errors import AsyncDumpError
 
 PROG = "asyncdump generate"
 
@@ -52,8 +52,8 @@ def run(args: argparse.Namespace) -> int:
     plan = _user_plan(args) if args.generator is not None else _builtin_plan(args)
     if isinstance(plan, int):
         return plan
-    from ._generator_feed import GeneratorFailed, undo
-    from .dataset import DatasetSink
+    from .._generator_feed import GeneratorFailed, undo
+    from ..dataset import DatasetSink
 
     try:
         sink = DatasetSink(
@@ -89,7 +89,7 @@ def _builtin_plan(args: argparse.Namespace) -> _Plan | int:
     for name, default in BUILTIN_DEFAULTS.items():
         if getattr(args, name) is None:
             setattr(args, name, default)
-    from . import synthetic
+    from .. import synthetic
 
     if args.size > synthetic.MAX_SIZE:
         return _fail(f"--size must be at most {synthetic.MAX_SIZE}, got {args.size}")
@@ -124,7 +124,7 @@ def _user_plan(args: argparse.Namespace) -> _Plan | int:
         return _fail(f"{', '.join(given)} belong to the built-in generator; with --generator "
                      "your function decides sizes, randomness and device (remove "
                      f"{'them' if len(given) > 1 else 'it'})")
-    from . import _generator_feed, _user_generator
+    from .. import _generator_feed, _user_generator
 
     try:
         produce = _user_generator.load(args.generator)
