@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from ._errors import DatasetError
+from ._fsutil import unlink_quietly
 
 DATASET_FILE = "dataset.json"
 MANIFEST_FILE = "manifest.jsonl"
@@ -116,8 +117,7 @@ def write_atomically(path: Path, text: str, fsync: bool = False) -> None:
                 os.fsync(handle.fileno())
         os.replace(temp, path)
     except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(temp)
+        unlink_quietly(temp)
         raise
 
 
@@ -255,8 +255,7 @@ def write_merged_manifest(root: Path, entries: dict[int, dict[str, Any]], fsync:
     write_atomically(root / MANIFEST_FILE, text, fsync)
     for path in manifest_files(root):
         if path.name != MANIFEST_FILE:
-            with contextlib.suppress(OSError):
-                path.unlink()
+            unlink_quietly(path)
 
 
 def prepare_root(root: Path, layout: Layout, record: dict[str, Any], resume: bool,

@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import contextlib
 import os
 import tarfile
 from pathlib import Path
 
-from ._fsutil import fsync_folder
+from ._fsutil import fsync_folder, unlink_quietly
 
 TAR_BLOCK = 512
 
@@ -57,5 +56,4 @@ class TarPart:
 
     def discard(self) -> None:
         self.handle.close()
-        with contextlib.suppress(OSError):
-            os.unlink(self.temp)
+        unlink_quietly(self.temp)
