@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from conftest import read_rgb
+from helpers import read_rgb
 from PIL import Image
 from sink_pool import Sinks, shared_sinks
 
