@@ -8,8 +8,9 @@ from asyncdump import AsyncDumpError, BufferFullError, DatasetError
 
 def test_all_is_pinned_and_sorted() -> None:
     assert asyncdump.__all__ == sorted(asyncdump.__all__)
-    assert set(asyncdump.__all__) >= {"AsyncImageSink", "SinkStats", "AsyncDumpError",
-                                      "BufferFullError", "__version__", "flush", "save_image"}
+    assert set(asyncdump.__all__) == {"AsyncDumpError", "AsyncImageSink", "BufferFullError",
+                                      "DatasetError", "DatasetSink", "DatasetSummary", "SinkStats",
+                                      "__version__", "flush", "save_image", "write_dataset"}
     for name in asyncdump.__all__:
         assert hasattr(asyncdump, name), name
 
