@@ -2,10 +2,11 @@
 the counts (see ``asyncdump.dataset`` for the path of one batch).
 
     files: wait for the batch's future (files renamed into place, each with the sha256 its
-           worker computed), append the batch's manifest lines
-    tar:   wait for the encoded bytes and their sha256, append ``key.<ext>``, ``key.cls`` and
-           ``key.json`` members to the open part; when the shard (or a part of ``shard_bytes``)
-           is complete: close, rename into place, then append its manifest lines
+           worker computed from the bytes it wrote), append the batch's manifest lines
+    tar:   wait for the encoded bytes and their sha256 (hashed in the worker), append
+           ``key.<ext>``, ``key.cls`` (when the label is an int) and ``key.json`` members to
+           the hidden ``.shard-N.tar.tmp``; when the shard (or a part of ``shard_bytes``) is
+           complete: close, rename to ``shard-N.tar``, then append its manifest lines
 """
 
 from __future__ import annotations

@@ -9,15 +9,9 @@ The path of one batch:
 
     caller thread:   submit -> AsyncImageSink.submit(names=...) (files) or .encode() (tar)
                      -> (future, indices, metadata) on a bounded queue
-    committer thread (``_committer.py``, one per DatasetSink; owns the manifest, the open tar
-                     part, the counts):
-        files: wait for the batch's future (files renamed into place, each with the sha256 its
-               worker computed from the bytes it wrote), append the batch's manifest lines
-        tar:   wait for the encoded bytes and their sha256 (hashed in the worker), append
-               ``key.<ext>``, ``key.cls`` (when the label is an int) and ``key.json`` members to
-               the hidden ``.shard-N.tar.tmp``; when the
-               shard (or a part of ``shard_bytes``) is complete: close, rename to
-               ``shard-N.tar``, then append its manifest lines
+    committer thread (one per DatasetSink; owns the manifest, the open tar part, the counts):
+               appends a batch's manifest lines once its files, or its complete tar shard,
+               are in place under their final names (``_committer.py`` has the details)
     close:   flush everything, then the manifest is rewritten sorted by index (one rank), or
              after a barrier rank 0 merges the per-rank manifests.
 
@@ -27,8 +21,8 @@ round-robin (shard s -> rank s % world), so every tar has one writer and the out
 depend on the number of ranks or workers.
 
 Its parts: ``_manifest`` (names, ``dataset.json``, the manifest, resume state), ``_committer``
-(the committer thread), ``_tar`` (tar parts), ``_metadata`` (per-image metadata JSON) and
-``_ranks`` (rank, world size, collectives).
+(the committer thread), ``_tar`` (tar parts), ``_metadata`` (per-image metadata JSON),
+``_ranks`` (rank, world size, collectives) and ``_schedule`` (this rank's pending indices).
 """
 
 from __future__ import annotations
@@ -60,6 +54,7 @@ from ._manifest import (
 )
 from ._metadata import serialise
 from ._ranks import Ranks
+from ._schedule import Schedule
 
 __all__ = ["DatasetError", "DatasetSink", "DatasetSummary", "write_dataset"]
 
@@ -176,25 +171,15 @@ class DatasetSink:
         self.skipped = len(entries)
         last_index = max(entries, default=-1)
         next_part = parts_done(self.layout, entries.values()) if self.mode == "tar" else {}
-        # Resume state while writing: one bit per image of the dataset (not a list of ints).
-        self._done = bytearray((count + 7) // 8)
-        for index in entries:
-            self._done[index >> 3] |= 1 << (index & 7)
-        self._shards = range(self.rank, self.layout.shards, self.world)  # this rank's shards
-        mine_done = sum(1 for i in entries if self.layout.shard_of(i) % self.world == self.rank)
+        self._schedule = Schedule(self.layout, entries.keys(), self.rank, self.world)
         del entries
-        self._remaining = sum(len(self.layout.shard_range(s)) for s in self._shards) - mine_done
-        self._shard_cursor = -1  # position in _shards of the shard whose indices are in _todo
-        self._todo: list[int] = []  # pending indices of one shard at a time
-        self._pos = 0  # next of _todo to submit
         self._shape: tuple[int, ...] | None = None
         self._summary: DatasetSummary | None = None
 
         from ._sink import AsyncImageSink
 
         if workers is None:  # ranks on one machine share its cores
-            per_rank = _defaults.usable_cores() // max(1, self._ranks.local_world)
-            workers = max(1, min(per_rank - 1, _defaults.MAX_DEFAULT_WORKERS))
+            workers = _defaults.default_workers(self._ranks.local_world)
         self._sink = AsyncImageSink(self.root, workers=workers, format=format, quality=quality,
                                     on_error="ignore", fsync=fsync, overwrite=True,
                                     max_buffer_bytes=max_buffer_bytes, png_encoder=self.png_encoder)
@@ -205,7 +190,7 @@ class DatasetSink:
         if progress:
             from tqdm import tqdm
 
-            self._bar = tqdm(total=self._remaining, unit="img", dynamic_ncols=True, disable=None,
+            self._bar = tqdm(total=self._schedule.remaining, unit="img", dynamic_ncols=True, disable=None,
                              desc=f"rank {self.rank}" if self.world > 1 else "generate")
         self._started = time.perf_counter()
         self._committer.start(self._bar)
@@ -232,21 +217,7 @@ class DatasetSink:
     @property
     def remaining(self) -> int:
         """Images of this rank not yet submitted."""
-        return self._remaining
-
-    def _pending_of_shard(self) -> list[int]:
-        """The not yet submitted indices of the current shard, moving on to the next shard with
-        pending indices when it is used up; empty when this rank has nothing left."""
-        while self._pos >= len(self._todo):
-            self._shard_cursor += 1
-            if self._shard_cursor >= len(self._shards):
-                self._todo, self._pos = [], 0
-                return self._todo
-            done = self._done
-            self._todo = [i for i in self.layout.shard_range(self._shards[self._shard_cursor])
-                          if not done[i >> 3] >> (i & 7) & 1]
-            self._pos = 0
-        return self._todo
+        return self._schedule.remaining
 
     def pending(self, batch_size: int) -> Iterator[list[int]]:
         """This rank's indices still to write, in batches that never span two shards.
@@ -254,13 +225,14 @@ class DatasetSink:
         Submit each batch before asking for the next one.
         """
         _check_int("batch_size", batch_size)
+        schedule = self._schedule
         while True:
-            todo = self._pending_of_shard()
-            if not todo:
+            batch = schedule.next_batch(batch_size)
+            if not batch:
                 return
-            left = self._remaining
-            yield todo[self._pos:self._pos + batch_size]
-            if self._remaining == left:
+            left = schedule.remaining
+            yield batch
+            if schedule.remaining == left:
                 raise DatasetError("each batch from pending() must be submitted before the next")
 
     def submit(self, indices: Sequence[int], images: Any,
@@ -277,12 +249,10 @@ class DatasetSink:
             raise AsyncDumpError(f"the dataset writer failed: {error}") from error
         indices = list(indices)
         count = len(indices)
-        todo = self._pending_of_shard()
-        expected = todo[self._pos:self._pos + count]
-        if not count or indices != expected:
-            first = todo[self._pos] if todo else None
+        if not count or indices != self._schedule.next_batch(count):
             raise ValueError(f"indices must be the next batch from pending() (next pending index "
-                             f"{first}, batches within one shard); got {_short(indices)}")
+                             f"{self._schedule.next_index()}, batches within one shard); got "
+                             f"{_short(indices)}")
         shape = tuple(getattr(images, "shape", ()))
         if len(shape) != 4 or shape[0] != count:
             raise ValueError(f"images must be a (B, C, H, W) batch with B = len(indices) = {count}, "
@@ -299,8 +269,7 @@ class DatasetSink:
         else:
             future = self._sink._submit_digest(images, None)
         _, channels, height, width = shape
-        self._pos += count
-        self._remaining -= count
+        self._schedule.take(count)
         self._committer.put(future, indices, metas, f"[{height},{width},{channels}]")
 
     # ------------------------------------------------------------------ ending
