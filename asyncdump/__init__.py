@@ -7,10 +7,10 @@
             sink.submit(fake_images, step=step)   # returns at once
 """
 
-from ._errors import AsyncDumpError, BufferFullError
+from ._errors import AsyncDumpError, BufferFullError, DatasetError
 from ._sink import AsyncImageSink
 from ._stats import SinkStats
-from .dataset import DatasetError, DatasetSink, DatasetSummary, write_dataset
+from .dataset import DatasetSink, DatasetSummary, write_dataset
 from .grid import flush, save_image
 
 __version__ = "0.1.0"

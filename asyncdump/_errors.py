@@ -2,7 +2,8 @@
 
     Exception
      └── AsyncDumpError            a write failed, or the sink can no longer work
-          └── BufferFullError      submit(on_full="raise") found no buffer space
+          ├── BufferFullError      submit(on_full="raise") found no buffer space
+          └── DatasetError         a dataset folder cannot be used as asked
 """
 
 from __future__ import annotations
@@ -23,6 +24,10 @@ class AsyncDumpError(Exception):
 
 class BufferFullError(AsyncDumpError):
     """``submit`` with ``on_full="raise"`` found the staging buffer full."""
+
+
+class DatasetError(AsyncDumpError):
+    """A dataset directory that cannot be used as asked (existing, foreign or corrupt manifest)."""
 
 
 class RemoteTraceback(Exception):

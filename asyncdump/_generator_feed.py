@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from ._codecs import Codec
+from ._fsutil import unlink_quietly
 from ._manifest import DATASET_FILE, MANIFEST_FILE, holds_dataset, manifest_files
 from ._user_generator import Generator, GeneratorError, split
 
@@ -51,7 +52,7 @@ def feed(sink: Any, produce: Generator, spec: str, batch_size: int, codec: Codec
             images, metadata = _make(produce, spec, first, codec, first=True)
         except GeneratorFailed as exc:
             problem = exc
-    verdicts = sink._ranks.gather(None if problem is None else problem.raised)
+    verdicts = sink.ranks.gather(None if problem is None else problem.raised)
     failed = [(rank, raised) for rank, raised in enumerate(verdicts) if raised is not None]
     if failed:
         if problem is not None:
@@ -114,12 +115,10 @@ def undo(state: Before) -> None:
     """Rank 0, every rank's sink closed, no image written: leave ``root`` as it was."""
     for manifest in manifest_files(state.root):
         if not state.had_dataset or (manifest.name != MANIFEST_FILE and not manifest.stat().st_size):
-            with contextlib.suppress(OSError):
-                manifest.unlink()
+            unlink_quietly(manifest)
     if state.had_dataset:
         return
-    with contextlib.suppress(OSError):
-        (state.root / DATASET_FILE).unlink()
+    unlink_quietly(state.root / DATASET_FILE)
     if state.created is None:
         return
     folder = state.root

@@ -21,17 +21,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ._errors import AsyncDumpError
+from ._errors import DatasetError
+from ._fsutil import unlink_quietly
 
 DATASET_FILE = "dataset.json"
 MANIFEST_FILE = "manifest.jsonl"
 LAYOUT_VERSION = 1
 _RANK_MANIFEST = re.compile(r"^manifest\.rank(\d+)\.jsonl$")
 _TEMP_NAME = re.compile(r"^\..*\.tmp$")
-
-
-class DatasetError(AsyncDumpError):
-    """A dataset directory that cannot be used as asked (existing, foreign or corrupt manifest)."""
 
 
 @dataclass(frozen=True)
@@ -120,8 +117,7 @@ def write_atomically(path: Path, text: str, fsync: bool = False) -> None:
                 os.fsync(handle.fileno())
         os.replace(temp, path)
     except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(temp)
+        unlink_quietly(temp)
         raise
 
 
@@ -259,5 +255,26 @@ def write_merged_manifest(root: Path, entries: dict[int, dict[str, Any]], fsync:
     write_atomically(root / MANIFEST_FILE, text, fsync)
     for path in manifest_files(root):
         if path.name != MANIFEST_FILE:
-            with contextlib.suppress(OSError):
-                path.unlink()
+            unlink_quietly(path)
+
+
+def prepare_root(root: Path, layout: Layout, record: dict[str, Any], resume: bool,
+                 fsync: bool) -> None:
+    """Rank 0 at the start of a run: refuse an existing dataset without ``resume``; else write
+    ``dataset.json`` (new dataset) or check the job and keep only durable manifest entries."""
+    existing = holds_dataset(root) if root.is_dir() else None
+    if existing is not None and not resume:
+        raise DatasetError(f"{root} already holds a dataset ({existing}); pass resume "
+                           "(--resume) to continue it, or choose another output folder")
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        if existing is None:
+            write_atomically(root / DATASET_FILE,
+                             json.dumps(record, indent=2, sort_keys=True) + "\n", fsync)
+            return
+    except OSError as exc:
+        raise DatasetError(f"cannot write to {root}: {exc.strerror or exc}") from None
+    check_job(root, record)
+    entries = read_manifests(root, layout.count)
+    remove_temp_files(root)
+    write_merged_manifest(root, durable_entries(root, layout, entries), fsync)

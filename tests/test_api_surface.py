@@ -3,13 +3,14 @@
 from pathlib import Path
 
 import asyncdump
-from asyncdump import AsyncDumpError, BufferFullError
+from asyncdump import AsyncDumpError, BufferFullError, DatasetError
 
 
 def test_all_is_pinned_and_sorted() -> None:
     assert asyncdump.__all__ == sorted(asyncdump.__all__)
-    assert set(asyncdump.__all__) >= {"AsyncImageSink", "SinkStats", "AsyncDumpError",
-                                      "BufferFullError", "__version__", "flush", "save_image"}
+    assert set(asyncdump.__all__) == {"AsyncDumpError", "AsyncImageSink", "BufferFullError",
+                                      "DatasetError", "DatasetSink", "DatasetSummary", "SinkStats",
+                                      "__version__", "flush", "save_image", "write_dataset"}
     for name in asyncdump.__all__:
         assert hasattr(asyncdump, name), name
 
@@ -21,6 +22,7 @@ def test_version_and_typed_marker() -> None:
 
 def test_error_hierarchy() -> None:
     assert issubclass(BufferFullError, AsyncDumpError)
+    assert issubclass(DatasetError, AsyncDumpError)
     assert issubclass(AsyncDumpError, Exception)
 
 

@@ -7,13 +7,14 @@ import json
 import os
 import sys
 import tarfile
+import threading
 from pathlib import Path
 
 import numpy as np
 import psutil
 import pytest
 import torch
-from conftest import read_rgb
+from helpers import read_rgb
 
 from asyncdump import DatasetError, DatasetSink, write_dataset
 
@@ -196,17 +197,19 @@ def test_manifest_lines_are_canonical_and_match_the_bytes(tmp_path: Path, mode: 
 
 def test_construction_failing_after_the_sink_started_releases_it(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from asyncdump import _sink
-
     me = psutil.Process()
     children, fds = {p.pid for p in me.children()}, set(os.listdir("/proc/self/fd"))
-    sinks = set(_sink._open_sinks)  # save_image's sinks of earlier tests may still be open
+    threads = _asyncdump_threads()  # save_image's sinks of earlier tests may still be open
     monkeypatch.setitem(sys.modules, "tqdm", None)  # the progress bar comes after the sink
     with pytest.raises(ImportError):
         DatasetSink(tmp_path / "ds", count=10, workers=2, progress=True)
     assert {p.pid for p in me.children()} <= children  # its workers are stopped and reaped
     assert set(os.listdir("/proc/self/fd")) <= fds  # manifest, buffer and sockets closed
-    assert set(_sink._open_sinks) <= sinks
+    assert _asyncdump_threads() <= threads  # its collector thread ended: the sink was closed
     monkeypatch.delitem(sys.modules, "tqdm")
     summary = write_dataset(make, tmp_path / "ds", count=10, batch_size=4, resume=True)
     assert summary.complete and summary.images == 10
+
+
+def _asyncdump_threads() -> set[threading.Thread]:
+    return {t for t in threading.enumerate() if t.name.startswith("asyncdump")}

@@ -17,14 +17,13 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from conftest import read_rgb
+from helpers import read_rgb
 from PIL import Image
 from sink_pool import Sinks, shared_sinks
 
-from asyncdump import AsyncImageSink, DatasetSink
+from asyncdump import AsyncImageSink, DatasetError, DatasetSink
 from asyncdump._convert import to_image
 from asyncdump._device import DeviceStager
-from asyncdump._manifest import DatasetError
 from asyncdump._protocol import ImageSpec
 from asyncdump._staging import Batch, Conversion
 
@@ -126,7 +125,7 @@ WITHOUT_FPNG = """
 import sys, numpy as np
 sys.modules["fpng"] = None  # import fpng now raises ImportError
 from asyncdump import AsyncImageSink
-from asyncdump.info import collect
+from asyncdump.cli.info import collect
 print(collect()["png encoder (auto)"])
 try:
     AsyncImageSink(sys.argv[1], png_encoder="fpng")

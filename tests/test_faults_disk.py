@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import psutil
 import pytest
-from conftest import no_temp_files
+from helpers import no_temp_files
 
 from asyncdump import AsyncDumpError, AsyncImageSink
 

@@ -16,7 +16,7 @@ import cv2
 import numpy as np
 import psutil
 import pytest
-from conftest import no_temp_files
+from helpers import no_temp_files
 
 from asyncdump import AsyncImageSink
 

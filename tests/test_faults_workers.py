@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import no_temp_files, read_rgb
+from helpers import no_temp_files, read_rgb
 
 from asyncdump import AsyncDumpError, AsyncImageSink
 

@@ -17,7 +17,7 @@ import cv2
 import numpy as np
 import pytest
 import torch
-from conftest import read_rgb, torchvision_pixels
+from helpers import read_rgb, torchvision_pixels
 from sink_pool import Sinks, shared_sinks
 
 PATHS = [

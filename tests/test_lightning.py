@@ -14,7 +14,7 @@ import lightning as L
 import numpy as np
 import pytest
 import torch
-from conftest import read_rgb, torchvision_pixels
+from helpers import read_rgb, torchvision_pixels
 from torch.utils.data import DataLoader, TensorDataset
 
 import asyncdump

@@ -8,7 +8,7 @@ import cv2
 import numpy as np
 import pytest
 import torch
-from conftest import no_temp_files, read_rgb, torchvision_pixels
+from helpers import no_temp_files, read_rgb, torchvision_pixels
 
 from asyncdump import AsyncImageSink
 

@@ -12,7 +12,7 @@ import cv2
 import numpy as np
 import pytest
 import torch
-from conftest import no_temp_files, read_rgb
+from helpers import no_temp_files, read_rgb
 
 import asyncdump
 from asyncdump import AsyncImageSink

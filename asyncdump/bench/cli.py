@@ -21,7 +21,7 @@ def _log(line: str) -> None:
 
 def machine() -> dict[str, Any]:
     """What the numbers were measured on."""
-    from ..info import collect
+    from ..cli.info import collect
 
     facts = collect()
     model = platform.processor()

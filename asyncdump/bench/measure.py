@@ -13,8 +13,6 @@ from typing import Any
 import numpy as np
 import psutil
 
-MIB = 1 << 20
-
 
 def summarize(values: Sequence[float]) -> dict[str, float]:
     """Median, min and max of one metric over rounds (the benchmark's unit of report)."""

@@ -7,7 +7,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from .measure import MIB
+from .._defaults import MIB
 
 TARGET_OVERHEAD_PCT = 2.0
 TARGET_VS_CV2 = 20.0

@@ -23,9 +23,9 @@ from typing import Any
 import numpy as np
 
 from .. import _defaults
+from .._defaults import MIB
 from . import contenders, encoders
 from .measure import (
-    MIB,
     RssSampler,
     Stopwatch,
     count_files,

@@ -6,8 +6,8 @@ import argparse
 import platform
 from typing import Any
 
-from . import _defaults
-from ._encoders import active_encoder
+from .. import _defaults
+from .._encoders import active_encoder
 
 
 def collect() -> dict[str, Any]:
@@ -16,7 +16,7 @@ def collect() -> dict[str, Any]:
     import numpy
     import torch
 
-    from . import __version__
+    from .. import __version__
 
     cuda = torch.cuda.is_available()
     return {

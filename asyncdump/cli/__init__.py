@@ -7,11 +7,13 @@ import importlib
 import sys
 
 # Each module defines register(subparsers) -> None; the parser it adds sets func(args) -> int.
-COMMAND_MODULES = ["asyncdump.info", "asyncdump.demo", "asyncdump.bench.cli", "asyncdump.generate"]
+COMMAND_MODULES = [
+    "asyncdump.cli.info", "asyncdump.cli.demo", "asyncdump.bench.cli", "asyncdump.cli.generate",
+]
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from . import __version__
+    from .. import __version__
 
     parser = argparse.ArgumentParser(
         prog="asyncdump",

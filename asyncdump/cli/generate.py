@@ -11,11 +11,13 @@ import argparse
 import datetime
 import os
 import sys
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
-from ._codecs import CODECS, get_codec
-from ._encoders import PNG_ENCODERS
-from ._errors import AsyncDumpError
+from .._codecs import CODECS, get_codec
+from .._encoders import PNG_ENCODERS
+from .._errors import AsyncDumpError
 
 PROG = "asyncdump generate"
 
@@ -29,6 +31,17 @@ BUILTIN_DEFAULTS = {"size": 64, "seed": 0, "device": "auto"}  # the built-in gen
 USER_BATCH_SIZE = 64  # --generator's default --batch-size, as write_dataset's
 
 
+@dataclass
+class _Plan:
+    """What one generator needs from the shared part of ``run``."""
+
+    job: dict[str, Any]  # DatasetSink's job
+    write: Callable[[Any], None]  # writes every pending index of the open sink
+    source: str  # for the summary line
+    owns_group: bool
+    before: Any = None  # --generator: --out before the run (undone when no image was written)
+
+
 def run(args: argparse.Namespace) -> int:
     for name in ("count", "size", "shard_size", "batch_size", "shard_bytes", "workers"):
         value = getattr(args, name)
@@ -36,19 +49,52 @@ def run(args: argparse.Namespace) -> int:
             return _fail(f"--{name.replace('_', '-')} must be at least 1, got {value}")
     if args.format.lower() not in CODECS:
         return _fail(f"unknown --format {args.format!r}; choose one of {', '.join(sorted(CODECS))}")
-    if args.generator is not None:
-        return _run_user(args)
+    plan = _user_plan(args) if args.generator is not None else _builtin_plan(args)
+    if isinstance(plan, int):
+        return plan
+    from .._generator_feed import GeneratorFailed, undo
+    from ..dataset import DatasetSink
+
+    try:
+        sink = DatasetSink(
+            args.out, count=args.count, format=args.format, quality=args.quality,
+            mode=args.mode, shard_size=args.shard_size, shard_bytes=args.shard_bytes,
+            workers=args.workers, resume=args.resume, fsync=args.fsync,
+            png_encoder=args.png_encoder, job=plan.job,
+            progress=not args.no_progress and os.environ.get("RANK", "0") == "0")
+    except (AsyncDumpError, ValueError, TypeError, OSError, RuntimeError, ImportError) as exc:
+        _release_ranks(plan.owns_group)
+        return _fail(str(exc).splitlines()[0])
+    try:
+        with sink:
+            plan.write(sink)
+    except GeneratorFailed as exc:  # only from --generator
+        if exc.first:  # no rank wrote an image: leave --out as it was
+            sink.ranks.barrier()
+            if sink.rank == 0:
+                undo(plan.before)
+        else:
+            written = sink.summary.images if sink.summary is not None else 0
+            exc.args = (f"{exc}; {written} images written{' by this rank' if sink.world > 1 else ''} "
+                        "are kept in the manifest: fix it and rerun with --resume",)
+        _release_ranks(plan.owns_group)
+        print(f"{PROG}: error: {exc.report()}", file=sys.stderr)
+        return exc.exit_code
+    _release_ranks(plan.owns_group)
+    return _report(sink, plan.source)
+
+
+def _builtin_plan(args: argparse.Namespace) -> _Plan | int:
+    """The built-in synthetic generator: shapes on textures, on CUDA when available."""
     for name, default in BUILTIN_DEFAULTS.items():
         if getattr(args, name) is None:
             setattr(args, name, default)
-    from . import synthetic
+    from .. import synthetic
 
     if args.size > synthetic.MAX_SIZE:
         return _fail(f"--size must be at most {synthetic.MAX_SIZE}, got {args.size}")
 
     import torch
-
-    from .dataset import DatasetSink
 
     owns_group = _init_ranks()
     device = args.device
@@ -60,72 +106,39 @@ def run(args: argparse.Namespace) -> int:
     else:
         torch.set_num_threads(1)  # the other cores encode
     batch_size = args.batch_size or synthetic.default_batch_size(args.size)
-    try:
-        sink = DatasetSink(
-            args.out, count=args.count, format=args.format, quality=args.quality,
-            mode=args.mode, shard_size=args.shard_size, shard_bytes=args.shard_bytes,
-            workers=args.workers, resume=args.resume, fsync=args.fsync,
-            png_encoder=args.png_encoder,
-            job={"generator": synthetic.GENERATOR_ID, "seed": args.seed, "size": args.size},
-            progress=not args.no_progress and os.environ.get("RANK", "0") == "0")
-    except (AsyncDumpError, ValueError, TypeError, OSError, RuntimeError, ImportError) as exc:
-        _release_ranks(owns_group)
-        return _fail(str(exc).splitlines()[0])
-    with sink:
+
+    def write(sink: Any) -> None:
         for indices in sink.pending(batch_size):
             images, metadata = synthetic.render(indices, seed=args.seed, size=args.size,
                                                 device=device)
             sink.submit(indices, images, metadata)
-    _release_ranks(owns_group)
-    return _report(sink, f"device {device}")
+
+    return _Plan({"generator": synthetic.GENERATOR_ID, "seed": args.seed, "size": args.size},
+                 write, f"device {device}", owns_group)
 
 
-def _run_user(args: argparse.Namespace) -> int:
+def _user_plan(args: argparse.Namespace) -> _Plan | int:
     """``--generator MODULE:FUNCTION``: the user's function makes the images."""
     given = [f"--{name}" for name in BUILTIN_DEFAULTS if getattr(args, name) is not None]
     if given:
         return _fail(f"{', '.join(given)} belong to the built-in generator; with --generator "
                      "your function decides sizes, randomness and device (remove "
                      f"{'them' if len(given) > 1 else 'it'})")
-    from . import _generator_feed, _user_generator
+    from .. import _generator_feed, _user_generator
 
     try:
         produce = _user_generator.load(args.generator)
     except _user_generator.GeneratorError as exc:
         return _fail(f"--generator {args.generator}: {exc}")
-    from .dataset import DatasetSink
+
+    def write(sink: Any) -> None:
+        _generator_feed.feed(sink, produce, args.generator, args.batch_size or USER_BATCH_SIZE,
+                             get_codec(args.format))
 
     # A group the module started is ours to end too: nothing runs after this command.
     owns_group = _init_ranks() or _group_started()
-    before = _generator_feed.before(args.out)
-    try:
-        sink = DatasetSink(
-            args.out, count=args.count, format=args.format, quality=args.quality,
-            mode=args.mode, shard_size=args.shard_size, shard_bytes=args.shard_bytes,
-            workers=args.workers, resume=args.resume, fsync=args.fsync,
-            png_encoder=args.png_encoder, job={"generator": args.generator},
-            progress=not args.no_progress and os.environ.get("RANK", "0") == "0")
-    except (AsyncDumpError, ValueError, TypeError, OSError, RuntimeError, ImportError) as exc:
-        _release_ranks(owns_group)
-        return _fail(str(exc).splitlines()[0])
-    try:
-        with sink:
-            _generator_feed.feed(sink, produce, args.generator,
-                                 args.batch_size or USER_BATCH_SIZE, get_codec(args.format))
-    except _generator_feed.GeneratorFailed as exc:
-        if exc.first:  # no rank wrote an image: leave --out as it was
-            sink._ranks.barrier()
-            if sink.rank == 0:
-                _generator_feed.undo(before)
-        else:
-            written = sink.summary.images if sink.summary is not None else 0
-            exc.args = (f"{exc}; {written} images written{' by this rank' if sink.world > 1 else ''} "
-                        "are kept in the manifest: fix it and rerun with --resume",)
-        _release_ranks(owns_group)
-        print(f"{PROG}: error: {exc.report()}", file=sys.stderr)
-        return exc.exit_code
-    _release_ranks(owns_group)
-    return _report(sink, f"generator {args.generator}")
+    return _Plan({"generator": args.generator}, write, f"generator {args.generator}", owns_group,
+                 _generator_feed.before(args.out))
 
 
 def _init_ranks() -> bool:

@@ -44,7 +44,7 @@ def run_loop(mode: str, steps: int, step_seconds: float, batch: int, size: int, 
     import cv2
     import torch
 
-    from . import AsyncImageSink
+    from .. import AsyncImageSink
 
     folder = out / mode
     shutil.rmtree(folder, ignore_errors=True)

@@ -1,0 +1,195 @@
+"""The committer thread of a ``DatasetSink``: it owns the manifest file, the open tar part and
+the counts (see ``asyncdump.dataset`` for the path of one batch).
+
+    files: wait for the batch's future (files renamed into place, each with the sha256 its
+           worker computed from the bytes it wrote), append the batch's manifest lines
+    tar:   wait for the encoded bytes and their sha256 (hashed in the worker), append
+           ``key.<ext>``, ``key.cls`` (when the label is an int) and ``key.json`` members to
+           the hidden ``.shard-N.tar.tmp``; when the shard (or a part of ``shard_bytes``) is
+           complete: close, rename to ``shard-N.tar``, then append its manifest lines
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import hashlib
+import json
+import os
+import queue
+import threading
+from pathlib import Path
+from typing import Any
+
+from ._errors import AsyncDumpError
+from ._manifest import Layout
+from ._metadata import Meta
+from ._tar import TAR_BLOCK, TarPart, member_bytes
+
+QUEUED_BATCHES = 32  # batches handed to the committer and not yet committed
+
+_Batch = tuple[concurrent.futures.Future[Any], list[int], list[Meta], str]
+
+
+class Committer:
+    """Commits the batches ``put`` in order on its own thread; ``stop`` drains and ends it."""
+
+    def __init__(self, root: Path, layout: Layout, mode: str, format: str, fsync: bool,
+                 shard_bytes: int | None, next_part: dict[int, int], last_index: int,
+                 manifest_path: Path):
+        self.root, self.layout, self.mode, self.fsync = root, layout, mode, fsync
+        self._format_json = json.dumps(format, ensure_ascii=False)
+        self._shard_bytes = shard_bytes
+        self._next_part = next_part  # tar mode: the next part number of each shard
+        # While lines are appended in increasing index order after the existing ones, the
+        # manifest stays sorted and a one-rank close need not rewrite it.
+        self.last_index = last_index
+        self.in_order = True
+        self.written = self.failed = self.bytes = 0
+        self.error: BaseException | None = None
+        self._tar: TarPart | None = None
+        self._failed_shards: set[int] = set()
+        self._bar: Any = None
+        self._thread: threading.Thread | None = None
+        self._queue: queue.Queue[_Batch | None] = queue.Queue(QUEUED_BATCHES)
+        self._manifest_fd = os.open(manifest_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+
+    def start(self, bar: Any) -> None:
+        """Start the thread; ``bar`` (a tqdm bar or None) advances per committed batch."""
+        self._bar = bar
+        self._thread = threading.Thread(target=self._main, name="asyncdump-dataset", daemon=True)
+        self._thread.start()
+
+    def put(self, future: concurrent.futures.Future[Any], indices: list[int], metas: list[Meta],
+            shape: str) -> None:
+        self._queue.put((future, indices, metas, shape))
+
+    def stop(self) -> None:
+        """Commit everything put so far, end the thread and close the manifest."""
+        self._queue.put(None)
+        if self._thread is not None:
+            self._thread.join()
+        self.release()
+
+    def release(self) -> None:
+        """Close the manifest (also when the thread never started)."""
+        if self._manifest_fd >= 0:
+            os.close(self._manifest_fd)
+            self._manifest_fd = -1
+
+    def _main(self) -> None:
+        while True:
+            item = self._queue.get()
+            if item is None:
+                break
+            future, indices, metas, shape = item
+            try:
+                result = future.result()
+                failed: set[Path] = set()
+            except AsyncDumpError as exc:
+                result, failed = None, {Path(p) for p, _ in exc.failures}
+            except BaseException:  # cancelled or broken sink: the whole batch is lost
+                result, failed = None, set()
+            if self.error is not None:
+                self.failed += len(indices)
+                continue
+            try:
+                if self.mode == "files":
+                    self._commit_files(indices, metas, shape, result, failed)
+                else:
+                    self._commit_tar(indices, metas, shape, result)
+            except BaseException as exc:
+                self.error = exc
+                self._abort_part()
+            if self._bar is not None:
+                self._bar.update(len(indices))
+        self._abort_part()  # a part still open here is incomplete (the run stopped early)
+
+    def _line(self, index: int, path: str, sha256: str, size: int, meta: Meta, shape: str,
+              offset: str = "") -> str:
+        """``dumps_line`` of the entry, formatted directly (a test pins the equality)."""
+        return (f'{{"bytes":{size},"format":{self._format_json},"index":{index},'
+                f'"label":{meta.label},"meta":{meta.extra},{offset}"path":"{path}",'
+                f'"sha256":"{sha256}","shape":{shape}}}\n')
+
+    def _append(self, indices: list[int], lines: list[str]) -> None:
+        self.in_order &= indices[0] > self.last_index  # each batch/part is in index order
+        self.last_index = indices[-1]
+        os.write(self._manifest_fd, "".join(lines).encode())
+        if self.fsync:
+            os.fsync(self._manifest_fd)
+
+    def _commit_files(self, indices: list[int], metas: list[Meta], shape: str,
+                      result: list[tuple[str, int] | None] | None, failed: set[Path]) -> None:
+        done, lines = [], []
+        prefix = str(self.root) + os.sep
+        for k, (index, meta) in enumerate(zip(indices, metas, strict=True)):
+            name = self.layout.file_name(index) + self.layout.extension
+            if result is None and (not failed or Path(prefix + name) in failed):
+                self.failed += 1
+                continue
+            digest = result[k] if result is not None else None
+            if digest is None:  # a batch with failures, or a file a dead worker left: read it
+                data = _read_file(prefix + name)
+                digest = (hashlib.sha256(data).hexdigest(), len(data))
+            done.append(index)
+            lines.append(self._line(index, name, *digest, meta, shape))
+            self.bytes += digest[1]
+        if lines:
+            self._append(done, lines)
+            self.written += len(lines)
+
+    def _commit_tar(self, indices: list[int], metas: list[Meta], shape: str,
+                    result: list[tuple[bytes, str]] | None) -> None:
+        shard = self.layout.shard_of(indices[0])
+        if result is None or shard in self._failed_shards:
+            self.failed += len(indices) + (len(self._tar.lines) if self._tar else 0)
+            self._abort_part()
+            self._failed_shards.add(shard)
+            return
+        for index, (data, sha256), meta in zip(indices, result, metas, strict=True):
+            needed = member_bytes(len(data)) + member_bytes(len(meta.member)) \
+                + (member_bytes(len(meta.cls)) if meta.cls else 0)
+            if self._tar is not None and self._shard_bytes is not None and self._tar.lines \
+                    and self._tar.size + needed + 2 * TAR_BLOCK > self._shard_bytes:
+                self._close_part()
+            if self._tar is None:
+                part = self._next_part.get(shard, 0)
+                self._tar = TarPart(self.root, self.layout.tar_name(shard, part), shard)
+            key = self.layout.key(index)
+            offset = self._tar.add(key + self.layout.extension, data)
+            if meta.cls:  # WebDataset's convention: .to_tuple("png", "cls") finds the label
+                self._tar.add(key + ".cls", meta.cls)
+            self._tar.add(key + ".json", meta.member)
+            self._tar.indices.append(index)
+            self._tar.lines.append(self._line(index, f"{self._tar.name}/{key}{self.layout.extension}",
+                                              sha256, len(data), meta, shape, f'"offset":{offset},'))
+            self._tar.image_bytes += len(data)
+            if index == self.layout.shard_range(shard).stop - 1:  # the shard's last image
+                self._close_part()
+
+    def _close_part(self) -> None:
+        part = self._tar
+        assert part is not None
+        self._tar = None
+        part.finish(self.fsync)
+        self._next_part[part.shard] = self._next_part.get(part.shard, 0) + 1
+        self._append(part.indices, part.lines)
+        self.written += len(part.lines)
+        self.bytes += part.image_bytes
+
+    def _abort_part(self) -> None:
+        if self._tar is not None:
+            self.failed += len(self._tar.lines)
+            self._tar.discard()
+            self._tar = None
+
+
+def _read_file(path: str) -> bytes:
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        chunks = [os.read(fd, 1 << 20)]
+        while chunks[-1]:
+            chunks.append(os.read(fd, 1 << 20))
+    finally:
+        os.close(fd)
+    return chunks[0] if len(chunks) == 2 else b"".join(chunks)

@@ -1,0 +1,52 @@
+"""Which indices a rank still has to write: its shards (shard s belongs to rank s % world)
+minus the indices already durable, handed out one shard at a time."""
+
+from __future__ import annotations
+
+from collections.abc import Collection
+
+from ._manifest import Layout
+
+
+class Schedule:
+    """This rank's pending indices; ``take`` advances past a submitted batch."""
+
+    def __init__(self, layout: Layout, durable: Collection[int], rank: int, world: int):
+        self.layout = layout
+        # Resume state while writing: one bit per image of the dataset (not a list of ints).
+        self._done = bytearray((layout.count + 7) // 8)
+        for index in durable:
+            self._done[index >> 3] |= 1 << (index & 7)
+        self._shards = range(rank, layout.shards, world)  # this rank's shards
+        mine_done = sum(1 for i in durable if layout.shard_of(i) % world == rank)
+        self.remaining = sum(len(layout.shard_range(s)) for s in self._shards) - mine_done
+        self._shard_cursor = -1  # position in _shards of the shard whose indices are in _todo
+        self._todo: list[int] = []  # pending indices of one shard at a time
+        self._pos = 0  # next of _todo to submit
+
+    def _pending_of_shard(self) -> list[int]:
+        """The not yet submitted indices of the current shard, moving on to the next shard with
+        pending indices when it is used up; empty when this rank has nothing left."""
+        while self._pos >= len(self._todo):
+            self._shard_cursor += 1
+            if self._shard_cursor >= len(self._shards):
+                self._todo, self._pos = [], 0
+                return self._todo
+            done = self._done
+            self._todo = [i for i in self.layout.shard_range(self._shards[self._shard_cursor])
+                          if not done[i >> 3] >> (i & 7) & 1]
+            self._pos = 0
+        return self._todo
+
+    def next_batch(self, size: int) -> list[int]:
+        """Up to ``size`` next pending indices, all of one shard; empty when none are left."""
+        return self._pending_of_shard()[self._pos:self._pos + size]
+
+    def next_index(self) -> int | None:
+        todo = self._pending_of_shard()
+        return todo[self._pos] if todo else None
+
+    def take(self, count: int) -> None:
+        """The next ``count`` indices were submitted."""
+        self._pos += count
+        self.remaining -= count

@@ -1,0 +1,52 @@
+"""Shared test helpers: read images back as RGB, torchvision's pixel rule computed with torch,
+and the temporary files a run left. Fixtures and hooks stay in conftest.py."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import cv2
+import numpy as np
+import torch
+
+
+def read_rgb(path: str | os.PathLike[str]) -> np.ndarray:
+    """An image file as HWC (or HW) in RGB(A) order, dtype as stored."""
+    image = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
+    assert image is not None, f"cv2 could not read {path}"
+    if image.ndim == 3:
+        order = [2, 1, 0] if image.shape[2] == 3 else [2, 1, 0, 3]
+        image = image[..., order]
+    return image
+
+
+def torchvision_pixels(
+    x: torch.Tensor,
+    value_range: tuple[float, float] = (0.0, 1.0),
+    mean: Sequence[float] | None = None,
+    std: Sequence[float] | None = None,
+) -> np.ndarray:
+    """Pixels torchvision.utils.save_image writes for one (C, H, W) float32 image.
+
+    Exactly its operations: make_grid's norm_ip (clamp_, sub_, div_ by max(hi - lo, 1e-5)),
+    then save_image's mul(255).add_(0.5).clamp_(0, 255) and the uint8 cast. NaN -> 0 (docs/api.md).
+    """
+    y = x.detach().to(torch.float32).clone()
+    if mean is not None and std is not None:
+        c = y.shape[0]
+        y = y * torch.tensor(std, dtype=torch.float32).view(c, 1, 1) + torch.tensor(
+            mean, dtype=torch.float32).view(c, 1, 1)
+    lo, hi = value_range
+    y.clamp_(min=lo, max=hi)
+    y.sub_(lo).div_(max(hi - lo, 1e-5))
+    y = y.mul(255).add_(0.5).clamp_(0, 255)
+    y = torch.nan_to_num(y, nan=0.0)
+    out = y.permute(1, 2, 0).to(torch.uint8).numpy()
+    return out[..., 0] if out.shape[2] == 1 else out
+
+
+def no_temp_files(root: Path) -> list[Path]:
+    """Hidden temporary files left anywhere under root (should be none)."""
+    return [p for p in root.rglob(".*") if p.name.endswith(".tmp")]
