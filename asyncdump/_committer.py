@@ -142,8 +142,8 @@ class Committer:
                     result: list[tuple[bytes, str]] | None) -> None:
         shard = self.layout.shard_of(indices[0])
         if result is None or shard in self._failed_shards:
-            self.failed += len(indices) + (len(self._tar.lines) if self._tar else 0)
-            self._abort_part()
+            self.failed += len(indices)
+            self._abort_part()  # counts the open part's images as failed
             self._failed_shards.add(shard)
             return
         for index, (data, sha256), meta in zip(indices, result, metas, strict=True):

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import cv2
 import numpy as np
+import pytest
 import torch
 
 
@@ -50,3 +51,32 @@ def torchvision_pixels(
 def no_temp_files(root: Path) -> list[Path]:
     """Hidden temporary files left anywhere under root (should be none)."""
     return [p for p in root.rglob(".*") if p.name.endswith(".tmp")]
+
+
+# Loaded by every worker started after install_poison_harness (PYTHONPATH): cv2.imencode kills
+# its own process, as a crashing codec would, when it is handed an image whose every value is
+# POISON. The trigger is the pixels themselves, so the outcome depends on nothing but the input.
+POISON = 13
+POISON_HARNESS = f"""
+import os, signal
+import cv2
+
+_imencode = cv2.imencode
+
+
+def _crashing_imencode(ext, img, *args, **kwargs):
+    if img.size and (img == {POISON}).all():
+        os.kill(os.getpid(), signal.SIGKILL)
+    return _imencode(ext, img, *args, **kwargs)
+
+
+cv2.imencode = _crashing_imencode
+"""
+
+
+def install_poison_harness(folder: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Workers started from now on die in OpenCV's encoder on an all-POISON image (use
+    ``png_encoder="opencv"``: the harness wraps OpenCV, not fpng)."""
+    folder.mkdir()
+    (folder / "sitecustomize.py").write_text(POISON_HARNESS)
+    monkeypatch.setenv("PYTHONPATH", str(folder))

@@ -14,7 +14,7 @@ import numpy as np
 import psutil
 import pytest
 import torch
-from helpers import read_rgb
+from helpers import POISON, install_poison_harness, read_rgb
 
 from asyncdump import DatasetError, DatasetSink, write_dataset
 
@@ -213,3 +213,21 @@ def test_construction_failing_after_the_sink_started_releases_it(
 
 def _asyncdump_threads() -> set[threading.Thread]:
     return {t for t in threading.enumerate() if t.name.startswith("asyncdump")}
+
+
+def test_a_failed_tar_batch_counts_each_lost_image_once(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Batch 0-3 opens the shard's tar part; batch 4-7 holds an image that kills every worker.
+    The part is discarded: 8 images lost, each counted once, nothing half-written."""
+    install_poison_harness(tmp_path / "harness", monkeypatch)
+
+    def poisoned(indices: list[int]) -> np.ndarray:
+        images = np.zeros((len(indices), 3, 8, 8), np.uint8)
+        images[[i == 5 for i in indices]] = POISON
+        return images
+
+    root = tmp_path / "data"
+    summary = write_dataset(poisoned, root, count=8, batch_size=4, mode="tar", shard_size=8,
+                            workers=1, png_encoder="opencv")
+    assert (summary.images, summary.failed, summary.complete) == (0, 8, False)
+    assert lines(root) == [] and not list(root.glob("*.tar"))

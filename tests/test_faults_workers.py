@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers import no_temp_files, read_rgb
+from helpers import POISON, install_poison_harness, no_temp_files, read_rgb
 
 from asyncdump import AsyncDumpError, AsyncImageSink
 
@@ -50,33 +50,9 @@ def test_killed_workers_lose_nothing(root: Path) -> None:
     assert 0 < stats.max_restart_seconds < 10
 
 
-# Loaded by every worker of the poison test (PYTHONPATH): cv2.imencode kills its own process,
-# as a crashing codec would, when it is handed an image whose every value is POISON. The
-# trigger is the pixels themselves, so the outcome depends on nothing but the input.
-POISON = 13
-POISON_HARNESS = f"""
-import os, signal
-import cv2
-
-_imencode = cv2.imencode
-
-
-def _crashing_imencode(ext, img, *args, **kwargs):
-    if img.size and (img == {POISON}).all():
-        os.kill(os.getpid(), signal.SIGKILL)
-    return _imencode(ext, img, *args, **kwargs)
-
-
-cv2.imencode = _crashing_imencode
-"""
-
-
 def test_poison_image_fails_alone_after_three_worker_deaths(
         root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    harness = tmp_path / "harness"
-    harness.mkdir()
-    (harness / "sitecustomize.py").write_text(POISON_HARNESS)
-    monkeypatch.setenv("PYTHONPATH", str(harness))
+    install_poison_harness(tmp_path / "harness", monkeypatch)
     batch = np.zeros((3, 3, 8, 8), np.uint8)
     batch[1] = POISON
     sink = AsyncImageSink(root, workers=1, png_encoder="opencv")  # the harness wraps OpenCV's encoder
