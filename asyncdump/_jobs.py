@@ -59,7 +59,9 @@ class Job:
         return RunJob(self.id, self.items, self.settings)
 
     def offset_of(self, index: int) -> int:
-        return next(item.offset for item in self.items if item.position == index)
+        """Where image ``index`` of the batch is staged (a job's images are consecutive)."""
+        first = self.items[0]
+        return first.offset + (index - first.position) * self.settings.image_bytes
 
 
 class NotStaged(NamedTuple):
