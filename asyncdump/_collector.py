@@ -159,8 +159,7 @@ class Collector:
             job = self._pending[0]
             if isinstance(job, NotStaged):
                 self._pending.popleft()
-                for index in job.indices:
-                    self._accounting.image_failed(job.batch, index, job.reason)
+                self._fail_not_staged(job)
                 continue
             worker = min(self._workers, key=lambda w: w.inflight_images)
             if len(worker.inflight) >= JOBS_PER_WORKER:
@@ -172,6 +171,10 @@ class Collector:
             self._pending.popleft()
             worker.inflight[job.id] = job
             worker.inflight_images += len(job.items)
+
+    def _fail_not_staged(self, record: NotStaged) -> None:
+        for index in record.indices:
+            self._accounting.image_failed(record.batch, index, record.reason)
 
     def _drain(self, worker: WorkerProcess) -> None:
         """Handle every report a live worker has sent; EOF means it died."""
@@ -339,8 +342,7 @@ class Collector:
         self._workers.clear()
         for job in jobs:
             if isinstance(job, NotStaged):
-                for index in job.indices:
-                    self._accounting.image_failed(job.batch, index, job.reason)
+                self._fail_not_staged(job)
                 continue
             for index, state in list(job.states.items()):
                 if state != DONE:

@@ -6,6 +6,8 @@ import concurrent.futures
 import os
 import signal
 import sys
+import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -73,3 +75,31 @@ def test_blocked_producer_wakes_when_sink_breaks(root: Path,
     with pytest.raises(AsyncDumpError):
         sink.close()
     assert sink.worker_pids == []
+
+
+def test_interrupt_between_parts_of_an_oversized_batch_fails_the_rest(root: Path) -> None:
+    """A batch bigger than the buffer is staged in parts. Ctrl-C while a later part waits for
+    space: the staged part is written, the rest fail as "not staged", nothing is lost silently."""
+    image = np.zeros((1, 3, 16, 16), np.uint8)
+    sink = AsyncImageSink(root, workers=1, max_buffer_bytes=image.nbytes, on_full="block")
+    worker = sink.worker_pids[0]
+    os.kill(worker, signal.SIGSTOP)  # the buffer frees nothing until it continues
+
+    def interrupt_once_staged() -> None:
+        while sink.stats.buffered_bytes == 0:
+            time.sleep(0.001)
+        signal.pthread_kill(threading.main_thread().ident, signal.SIGINT)  # type: ignore[arg-type]
+
+    interrupter = threading.Thread(target=interrupt_once_staged)
+    interrupter.start()
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            sink.submit(np.repeat(image, 3, axis=0))
+    finally:
+        interrupter.join()
+        os.kill(worker, signal.SIGCONT)
+    with pytest.raises(AsyncDumpError, match="not staged"):
+        sink.close()
+    stats = sink.stats
+    assert (stats.submitted, stats.written, stats.failed) == (3, 1, 2)
+    assert sorted(p.name for p in root.iterdir()) == ["00000000.png"]
