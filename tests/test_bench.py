@@ -94,7 +94,9 @@ def test_throughput_scenario(tmp_path: Path) -> None:
         expected = summary["w1"]["median"] / summary["single_process"]["median"]
         assert summary["eff_w1"]["median"] == pytest.approx(expected)
     assert "32² PNG (batch 256)" in report.throughput_table(result)
-    assert not list((tmp_path / "work").rglob("*.png"))  # scratch images are removed
+    # every measurement writes into a folder of its own (nothing is deleted between them)
+    folders = [p.name for p in (tmp_path / "work").iterdir()]
+    assert len(folders) == len(set(folders)) >= 2 * len(result["cases"])
 
 
 def test_submit_cost_scenario(tmp_path: Path) -> None:
@@ -169,6 +171,8 @@ def test_cli_writes_table_json_and_chart(tmp_path: Path) -> None:
     assert document["command"].startswith("asyncdump bench --scenarios 1 --rounds 1")
     assert document["machine"]["usable cores"] >= 1
     assert document["scenarios"]["scenario1_gpu_bound"]["contenders"]["asyncdump"]["written"] == 4
+    assert not (tmp_path / "w").exists()  # the scratch images are removed when the run ends
+    assert "GiB of benchmark output" in out.stderr
     if importlib.util.find_spec("matplotlib") is not None:
         assert chart_path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     else:

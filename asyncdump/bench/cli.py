@@ -7,6 +7,7 @@ import argparse
 import dataclasses
 import platform
 import shlex
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -86,14 +87,19 @@ def run(args: argparse.Namespace) -> int:
           f"{config.rounds} interleaved rounds; cells are median (min–max).\n")
     results: dict[str, Any] = {}
     began = time.perf_counter()
-    for number in args.scenarios:
-        key, function = SCENARIOS[number]
-        _log(f"{key} ...")
-        scenario_config = config if number != 2 else dataclasses.replace(config, device="cpu")
-        with_time = time.perf_counter()
-        results[key] = function(scenario_config, _log)
-        results[key]["seconds"] = time.perf_counter() - with_time
-        print(f"## {key}\n\n{report.TABLES[key](results[key])}\n", flush=True)
+    try:
+        for number in args.scenarios:
+            key, function = SCENARIOS[number]
+            _log(f"{key} ...")
+            scenario_config = config if number != 2 else dataclasses.replace(config, device="cpu")
+            with_time = time.perf_counter()
+            results[key] = function(scenario_config, _log)
+            results[key]["seconds"] = time.perf_counter() - with_time
+            print(f"## {key}\n\n{report.TABLES[key](results[key])}\n", flush=True)
+    finally:  # every measurement kept its files until now (see measure.scratch_folder)
+        written = sum(p.stat().st_size for p in config.work.rglob("*") if p.is_file())
+        _log(f"removing {config.work} ({written / 2**30:.1f} GiB of benchmark output)")
+        shutil.rmtree(config.work, ignore_errors=True)
     checks = report.targets(results)
     print(f"## targets\n\n{report.targets_table(checks)}\n")
     document = {"schema": 1, "command": command, "quick": args.quick, "machine": facts,

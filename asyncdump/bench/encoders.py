@@ -17,7 +17,6 @@ import concurrent.futures
 import multiprocessing
 import os
 import re
-import shutil
 import subprocess
 import sys
 import time
@@ -28,7 +27,7 @@ from typing import Any
 import numpy as np
 
 from .._protocol import FloatRule, ImageSpec
-from .measure import Stopwatch, smooth_images, summarize_rounds, to_uint8
+from .measure import Stopwatch, scratch_folder, smooth_images, summarize_rounds, to_uint8
 
 Log = Callable[[str], None]
 ENCODERS = ("fpng", "opencv")
@@ -88,7 +87,8 @@ def stage_times(float_images: np.ndarray, folder: Path) -> dict[str, float]:
 
     c, h, w = float_images.shape[1:]
     spec = ImageSpec(c, h, w, "float32", "nchw", converted=False, rule=SPEC_RULE)
-    folder.mkdir(parents=True, exist_ok=True)
+    folder = scratch_folder(folder)
+    folder.mkdir(parents=True)
     steps: dict[str, list[float]] = {k: [] for k in (
         "conversion (fpng layout)", "conversion (opencv layout)", "encode fpng", "encode opencv",
         "write + rename (fpng file)", "sha256 (fpng file)")}
@@ -122,7 +122,6 @@ def stage_times(float_images: np.ndarray, folder: Path) -> dict[str, float]:
         began = time.perf_counter()
         hashlib.sha256(data).hexdigest()
         steps["sha256 (fpng file)"].append(time.perf_counter() - began)
-    shutil.rmtree(folder, ignore_errors=True)
     return {k: float(np.median(v)) * 1e3 for k, v in steps.items()}
 
 
@@ -166,7 +165,7 @@ def plain_processes_rate(pool: concurrent.futures.ProcessPoolExecutor, processes
                          folder: Path) -> float:
     """images/s of ``processes`` plain processes each doing ``job`` on its share of the
     images ``_FORKED[name]`` (inherited at fork: only indices cross the pipe), together."""
-    shutil.rmtree(folder, ignore_errors=True)
+    folder = scratch_folder(folder)
     count = len(_FORKED[name])
     bounds = np.linspace(0, count, processes + 1).astype(int)
     folders = [folder / str(k) for k in range(processes)]
@@ -176,7 +175,6 @@ def plain_processes_rate(pool: concurrent.futures.ProcessPoolExecutor, processes
         done = sum(f.result() for f in [
             pool.submit(job, name, int(bounds[k]), int(bounds[k + 1]), str(folders[k]))
             for k in range(processes)])
-    shutil.rmtree(folder, ignore_errors=True)
     assert done == count
     return count / watch.seconds
 
@@ -246,12 +244,11 @@ _RATE = re.compile(r"([\d.]+) images/s")
 
 def generate_rate(out: Path, count: int, size: int, mode: str, encoder: str) -> float:
     """images/s that ``asyncdump generate`` prints (default workers, CPU rendering)."""
-    shutil.rmtree(out, ignore_errors=True)
+    out = scratch_folder(out)
     result = subprocess.run(
         [sys.executable, "-m", "asyncdump", "generate", "--out", str(out), "--count", str(count),
          "--size", str(size), "--mode", mode, "--png-encoder", encoder, "--no-progress",
          "--device", "cpu"], capture_output=True, text=True, timeout=600)
-    shutil.rmtree(out, ignore_errors=True)
     match = _RATE.search(result.stdout)
     if result.returncode != 0 or match is None:
         raise RuntimeError(f"asyncdump generate failed: {result.stderr[-2000:]}")
@@ -267,7 +264,7 @@ def parent_cpu(out: Path, count: int, size: int, mode: str) -> dict[str, float]:
     from ..dataset import DatasetSink
 
     torch.set_num_threads(1)
-    shutil.rmtree(out, ignore_errors=True)
+    out = scratch_folder(out)
     render_cpu = 0.0
     began = time.process_time()
     with DatasetSink(out, count=count, mode=mode, job={"size": size}) as sink:
@@ -277,7 +274,6 @@ def parent_cpu(out: Path, count: int, size: int, mode: str) -> dict[str, float]:
             render_cpu += time.thread_time() - before
             sink.submit(indices, images, metadata)
     total = time.process_time() - began
-    shutil.rmtree(out, ignore_errors=True)
     return {"parent_cpu_ms": total / count * 1e3, "render_cpu_ms": render_cpu / count * 1e3,
             "parent_cpu_beyond_render_ms": (total - render_cpu) / count * 1e3}
 

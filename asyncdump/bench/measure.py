@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import os
 import threading
 import time
@@ -114,6 +115,21 @@ def smooth_images(count: int, size: int, seed: int = 0, channels: int = 3) -> np
 def to_uint8(images: np.ndarray) -> np.ndarray:
     """Float [0, 1] images to uint8 by the round-half-up rule (same layout)."""
     return np.floor(images * 255.0 + 0.5).clip(0, 255).astype(np.uint8)
+
+
+_SCRATCH_IDS = itertools.count()
+
+
+def scratch_folder(base: Path) -> Path:
+    """A folder name beside ``base`` that no earlier measurement of this run used.
+
+    The bench keeps every file it writes until the run ends (``cli.run`` removes ``--work``):
+    on ext4 without a journal, creating a file within a few minutes of deleting thousands makes
+    the inode allocator check each recently deleted inode (measured here: ~1 ms per new file,
+    ``recently_deleted`` in ``perf``), which would charge every contender for the bench's own
+    clean-up of the previous measurement.
+    """
+    return base.with_name(f"{base.name}-{next(_SCRATCH_IDS)}")
 
 
 def count_files(folder: Path, suffix: str) -> int:

@@ -13,7 +13,6 @@ median/min/max) for report.py.
 
 from __future__ import annotations
 
-import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -30,19 +29,13 @@ from .measure import (
     Stopwatch,
     count_files,
     latency_summary,
+    scratch_folder,
     smooth_images,
     summarize_rounds,
     to_uint8,
 )
 
 Log = Callable[[str], None]
-
-
-def count_and_remove(folder: Path, suffix: str) -> int:
-    """Finished images in a scratch folder, which is then removed (disks are small)."""
-    count = count_files(folder, suffix)
-    shutil.rmtree(folder, ignore_errors=True)
-    return count
 
 
 @dataclass
@@ -119,7 +112,7 @@ def loop_batches(config: Config, count: int = 4) -> list[Any]:
 def run_loop(contender: contenders.Contender, batches: list[Any], steps: int,
              step: Callable[[int], None], folder: Path) -> dict[str, Any]:
     """One timed loop of one contender: loop time, per-call save latency, drain, RSS, images."""
-    shutil.rmtree(folder, ignore_errors=True)
+    folder = scratch_folder(folder)
     contender.start(folder)
     if isinstance(contender, contenders.CopyFloor):
         contender.reserve(int(batches[0].numel() * batches[0].element_size()))
@@ -134,7 +127,7 @@ def run_loop(contender: contenders.Contender, batches: list[Any], steps: int,
         loop_seconds = time.perf_counter() - began
         with Stopwatch() as drain:
             extra = contender.finish()
-    written = count_and_remove(folder, f".{contender.fmt}")
+    written = count_files(folder, f".{contender.fmt}")
     return {"loop_seconds": loop_seconds, "drain_seconds": drain.seconds, "written": written,
             "expected": 0 if isinstance(contender, contenders.NoSave) else steps * batches[0].shape[0],
             "peak_rss_bytes": rss.peak_bytes,
@@ -219,7 +212,7 @@ def single_process_rate(images: np.ndarray, fmt: str, folder: Path) -> float:
     params: list[int] = []
     for flag, value in encode_params(get_codec(fmt), None):
         params += [getattr(cv2, flag), value]
-    shutil.rmtree(folder, ignore_errors=True)
+    folder = scratch_folder(folder)
     folder.mkdir(parents=True)
 
     def one(i: int, name: str) -> None:
@@ -234,7 +227,7 @@ def single_process_rate(images: np.ndarray, fmt: str, folder: Path) -> float:
     with Stopwatch() as watch:
         for i in range(len(images)):
             one(i, f"{i:08d}")
-    written = count_and_remove(folder, f".{fmt}") - 1
+    written = count_files(folder, f".{fmt}") - 1
     if written != len(images):
         raise RuntimeError(f"single-process baseline wrote {written} of {len(images)} images")
     return len(images) / watch.seconds
@@ -247,7 +240,7 @@ def sink_rate(images: np.ndarray, fmt: str, batch: int, workers: int, folder: Pa
     Worker start-up and one warm-up batch are not timed."""
     from .. import AsyncImageSink
 
-    shutil.rmtree(folder, ignore_errors=True)
+    folder = scratch_folder(folder)
     sink = AsyncImageSink(folder, workers=workers, format=fmt, name="{index:08d}", **sink_options)
     warmup = min(batch, len(images))
     try:
@@ -261,7 +254,7 @@ def sink_rate(images: np.ndarray, fmt: str, batch: int, workers: int, folder: Pa
         blocked = sink.stats.blocked_seconds
     finally:
         sink.close()
-    written = count_and_remove(folder, f".{fmt}") - warmup
+    written = count_files(folder, f".{fmt}") - warmup
     total = len(images) * repeat
     return {"images_per_second": total / watch.seconds, "written": written, "expected": total,
             "blocked_seconds": blocked}
@@ -316,7 +309,7 @@ def scenario4(config: Config, log: Log) -> dict[str, Any]:
     sources = {label: torch.from_numpy(smooth_images(shape[0], shape[2], seed=5))
                for label, shape in SUBMIT_SHAPES.items()}
     folder = config.work / "submit"
-    shutil.rmtree(folder, ignore_errors=True)
+    folder = scratch_folder(folder)
     per_round: dict[str, list[dict[str, float]]] = {label: [] for label in sources}
     sink = AsyncImageSink(folder, max_buffer_bytes=128 * MIB, name="{index:08d}")
     try:
@@ -346,7 +339,7 @@ def scenario4(config: Config, log: Log) -> dict[str, Any]:
         stats = sink.stats
     finally:
         sink.close()
-    written = count_and_remove(folder, ".png")
+    written = count_files(folder, ".png")
     return {"reps": config.submit_reps, "written": written, "expected": stats.submitted,
             "sizes": {label: {"shape": list(SUBMIT_SHAPES[label]),
                               "summary": summarize_rounds(rows, rows[0].keys()), "rounds": rows}
@@ -358,7 +351,7 @@ def flood(on_full: str, batches: int, buffer_bytes: int, data: Any, folder: Path
     """Submit ``batches`` copies of ``data`` with no pause into a small buffer."""
     from .. import AsyncImageSink
 
-    shutil.rmtree(folder, ignore_errors=True)
+    folder = scratch_folder(folder)
     sink = AsyncImageSink(folder, max_buffer_bytes=buffer_bytes, on_full=on_full, name="{index:08d}")
     try:
         sink.worker_modules()  # answered from each worker's main loop: its imports are done
@@ -370,7 +363,7 @@ def flood(on_full: str, batches: int, buffer_bytes: int, data: Any, folder: Path
         stats = sink.stats
     finally:
         sink.close()
-    written = count_and_remove(folder, ".png")
+    written = count_files(folder, ".png")
     # Shared pages may be counted once per process that maps them (see RssSampler).
     bound = rss.baseline_bytes + (1 + stats.workers) * buffer_bytes
     return {"submitted": stats.submitted, "written": stats.written, "dropped": stats.dropped,

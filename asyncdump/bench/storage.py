@@ -37,7 +37,8 @@ def storage_bench(root: Path, size: int, fmt: str, rounds: int, seconds: float,
                   max_workers: int | None, log: Log) -> dict[str, Any]:
     """Sustained rates into ``root`` for ``size``x``size`` RGB images in ``fmt``."""
     top = max_workers or _defaults.usable_cores()
-    folder = Path(root) / f".asyncdump-bench-{os.getpid()}"
+    scratch = Path(root) / f".asyncdump-bench-{os.getpid()}"
+    folder = scratch / "run"  # each run writes beside it (scratch_folder), all removed at the end
     images = to_uint8(smooth_images(DISTINCT_IMAGES, size, seed=11))
     batch = 16
     try:
@@ -58,7 +59,7 @@ def storage_bench(root: Path, size: int, fmt: str, rounds: int, seconds: float,
             log(f"  round {r + 1}/{rounds}: " + ", ".join(
                 f"{k} workers {rates[-1]:.0f}/s" for k, rates in per_workers.items()))
     finally:
-        shutil.rmtree(folder, ignore_errors=True)
+        shutil.rmtree(scratch, ignore_errors=True)
     medians = {k: summarize(v)["median"] for k, v in per_workers.items()}
     workers, why = recommend(medians)
     return {"root": str(root), "size": size, "format": fmt, "images_per_run": repeat * len(images),
