@@ -1,11 +1,18 @@
 """The built-in procedural generator: coloured shapes on textured backgrounds.
 
 Every image is a pure function of ``(seed, index)``: per-image parameters come from a
-counter-based hash (splitmix64 of seed, index and a field number, in numpy), and the batch is
-rendered with integer-only torch operations (a gather of per-image row windows into a texture
-table, comparisons with per-row shape half-widths, wrapping uint8 blends), which give the same
-result whatever the batch composition, thread count or device. Small per-image tables are
-computed exactly in numpy; only whole-image operations run on the device.
+counter-based hash (splitmix64 of seed, index and a field number, in numpy) and are turned into
+small exact tables (background rows, noise levels, per-row shape half-widths). Two renderers
+paint the same pixels from those tables (a test checks they agree byte for byte):
+
+- on the CPU at sizes >= ``NUMPY_MIN_SIZE``, numpy per image: one gather of coloured background
+  rows straight into RGB HWC, then each shape painted inside its bounding box only. The result
+  is returned as a channels-last ``(B, 3, H, W)`` tensor, so the sink copies it with one memcpy
+  and fpng reads it without a reorder;
+- otherwise (small images, where per-image Python would dominate, and CUDA), integer-only torch
+  operations over the whole batch (a gather of per-image row windows into a texture table,
+  comparisons with per-row shape half-widths, wrapping uint8 blends), which give the same result
+  whatever the batch composition, thread count or device.
 
 Metadata per image: ``label`` (class of the first, largest shape), ``label_name``, and
 ``objects``: one ``{"class", "box": [x0, y0, x1, y1]}`` per shape (pixels, x1/y1 exclusive).
@@ -13,7 +20,9 @@ Metadata per image: ``label`` (class of the first, largest shape), ``label_name`
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -23,6 +32,8 @@ TEXTURES = ("stripes", "checker", "noise", "plain")
 MAX_SHAPES = 3
 MAX_SIZE = 16384  # keeps every integer product below 2**31
 GENERATOR_ID = "asyncdump.synthetic/1"
+SHAPE_LABEL = 251  # labels 0..250 are background (noise hashes), 251.. the shapes
+NUMPY_MIN_SIZE = 64  # below it, per-image numpy costs more than the batched torch path
 
 _M64 = np.uint64(0xFFFFFFFFFFFFFFFF)
 
@@ -49,6 +60,33 @@ def default_batch_size(size: int) -> int:
     return max(1, min(256, (1 << 21) // (size * size)))
 
 
+@dataclass
+class _Shape:
+    """Shape ``k`` of every image of a batch: all ``(count,)`` arrays except ``half``."""
+
+    active: np.ndarray  # bool: image has at least k + 1 shapes
+    cx: np.ndarray
+    cy: np.ndarray
+    radius: np.ndarray
+    colour: np.ndarray  # (count, 3) uint8-valued
+    half: np.ndarray  # (count, size) int64: |x - cx| <= half[y] is inside; -1: row not touched
+
+
+@dataclass
+class _Scene:
+    """Everything both renderers need, computed exactly in numpy from the draws."""
+
+    count: int
+    size: int
+    colours: np.ndarray  # (count, 2, 3): background first and second colour
+    table: np.ndarray  # (count, T) uint8 0/1: row y of image b is table[b, offsets[b, y]:][:size]
+    offsets: np.ndarray  # (count, size) int64
+    noisy: np.ndarray  # indices of images with the noise texture
+    noise_lut: np.ndarray  # (len(noisy), 3, 251) uint8: level of each hash value per channel
+    shapes: list[_Shape]
+    metadata: list[dict[str, Any]]
+
+
 def render(indices: Sequence[int], *, seed: int, size: int,
            device: Any = "cpu") -> tuple[Any, list[dict[str, Any]]]:
     """A ``(B, 3, size, size)`` uint8 RGB tensor and one metadata dict per image."""
@@ -56,14 +94,18 @@ def render(indices: Sequence[int], *, seed: int, size: int,
 
     if not 1 <= size <= MAX_SIZE:
         raise ValueError(f"size must be in 1..{MAX_SIZE}, got {size}")
+    scene = _scene(indices, seed, size)
+    if torch.device(device).type == "cpu" and size >= NUMPY_MIN_SIZE:
+        return torch.from_numpy(_pixels_numpy(scene)).permute(0, 3, 1, 2), scene.metadata
+    return _pixels_torch(scene, device), scene.metadata
+
+
+def _scene(indices: Sequence[int], seed: int, size: int) -> _Scene:
     count = len(indices)
     draws = parameters(seed, indices, 12 + 6 * MAX_SHAPES)
 
     def pick(column: int, lo: int, hi: int) -> np.ndarray:  # uniform ints in lo..hi
         return lo + (draws[:, column] % np.uint64(hi - lo + 1)).astype(np.int64)
-
-    def put(values: np.ndarray, dtype: Any) -> Any:
-        return torch.from_numpy(np.ascontiguousarray(values, dtype=dtype)).to(device)
 
     colours = np.stack([pick(c, 0, 255) for c in range(6)], 1).reshape(count, 2, 3)
     texture = pick(6, 0, len(TEXTURES) - 1)
@@ -86,25 +128,14 @@ def render(indices: Sequence[int], *, seed: int, size: int,
     parity = ys[None, :] // period[checker, None] & 1
     table[checker, :size], table[checker, size:2 * size] = parity, 1 - parity
     offsets[checker] = size * parity
-    second = put(table, np.uint8).unfold(1, size, 1)[
-        torch.arange(count, device=device)[:, None], put(offsets, np.int64)]
-    # uint8 arithmetic wraps: first + (second - first) is the second colour, exactly
-    delta = put((colours[:, 1] - colours[:, 0]) % 256, np.uint8).view(count, 3, 1, 1)
-    image = second.view(count, 1, size, size) * delta
-    image += put(colours[:, 0], np.uint8).view(count, 3, 1, 1)
 
+    # noise: first colour + ((hash(x, y) + key) % 251) % 49 - 24, clamped
     noisy = np.flatnonzero(texture == 2)
-    if noisy.size:  # first colour + ((hash(x, y) + key) % 251) % 49 - 24, clamped
-        axis = torch.arange(size, device=device) % 1021
-        hashed = (31 * axis.view(1, size) ** 2 + 17 * axis.view(size, 1) ** 2
-                  + 7 * axis.view(size, 1) * axis.view(1, size)) % 251
-        levels = (np.arange(251)[None, :] + noise_key[noisy, None]) % 251 % 49 - 24
-        lut = np.clip(colours[noisy, 0, :, None] + levels[:, None, :], 0, 255)
-        image[put(noisy, np.int64)] = torch.gather(
-            put(lut, np.uint8), 2, hashed.view(1, 1, -1).expand(noisy.size, 3, -1)
-        ).view(noisy.size, 3, size, size)
+    levels = (np.arange(251)[None, :] + noise_key[noisy, None]) % 251 % 49 - 24
+    noise_lut = np.clip(colours[noisy, 0, :, None] + levels[:, None, :], 0, 255).astype(np.uint8)
 
     metadata: list[dict[str, Any]] = [{"objects": []} for _ in range(count)]
+    painted = []
     lo_r, hi_r = max(1, size // 10), max(1, size // 4)
     for k in range(MAX_SHAPES):
         first = 11 + 6 * k
@@ -116,15 +147,13 @@ def render(indices: Sequence[int], *, seed: int, size: int,
         active = k < shapes
         # Each shape is, per row, the pixels with |x - cx| <= half[row] (-1: none):
         # circle dx^2 + dy^2 <= r^2, square |dy| <= r, triangle 2 dx <= dy + r with |dy| <= r.
+        # Every half[row] is <= r, so a shape stays inside its box of side 2 r + 1.
         r = radius[:, None]
         dy = ys[None, :] - cy[:, None]
         half = np.select([cls[:, None] == 0, cls[:, None] == 1],
                          [_isqrt(np.maximum(r * r - dy * dy, 0)), r], (dy + r) // 2)
         half = np.where(active[:, None] & (np.abs(dy) <= r), half, -1)
-        dx = np.abs(ys[None, :] - cx[:, None])
-        mask = (put(dx, np.int16).view(count, 1, 1, size)
-                <= put(half, np.int16).view(count, 1, size, 1)).view(torch.uint8)
-        image += mask * (put(colour, np.uint8).view(count, 3, 1, 1) - image)
+        painted.append(_Shape(active, cx, cy, radius, colour, half))
         for i in np.flatnonzero(active):
             box = [max(0, int(cx[i] - radius[i])), max(0, int(cy[i] - radius[i])),
                    min(size, int(cx[i] + radius[i]) + 1), min(size, int(cy[i] + radius[i]) + 1)]
@@ -132,7 +161,85 @@ def render(indices: Sequence[int], *, seed: int, size: int,
     for meta in metadata:
         label = CLASSES.index(meta["objects"][0]["class"])
         meta["label"], meta["label_name"] = label, CLASSES[label]
-    return image, metadata
+    return _Scene(count, size, colours, table, offsets, noisy, noise_lut, painted, metadata)
+
+
+@functools.lru_cache(maxsize=4)
+def _noise_hash(size: int) -> np.ndarray:
+    """``(size, size)`` int64 hash(x, y) in 0..250 of the noise texture, row y, column x."""
+    axis = np.arange(size, dtype=np.int64) % 1021
+    return (31 * axis[None, :] ** 2 + 17 * axis[:, None] ** 2 + 7 * axis[:, None] * axis[None, :]) % 251
+
+
+def _pixels_numpy(scene: _Scene) -> np.ndarray:
+    """``(B, size, size, 3)`` RGB, image by image, through a one-byte label per pixel: the
+    background's (0/1: first/second colour; noise: the hash 0..250), overwritten inside each
+    shape's box by ``SHAPE_LABEL + k``; then one table lookup per channel colours it."""
+    import cv2
+
+    count, size = scene.count, scene.size
+    out = np.empty((count, size, size, 3), np.uint8)
+    noise_of = {int(b): j for j, b in enumerate(scene.noisy)}
+    windows = np.lib.stride_tricks.sliding_window_view(scene.table, size, axis=1)
+    xs = np.arange(size, dtype=np.int16)
+    halves = [shape.half.astype(np.int16) for shape in scene.shapes]
+    for b in range(count):
+        palette = np.zeros((3, 256), np.uint8)
+        j = noise_of.get(b)
+        if j is not None:
+            label = _noise_hash(size).astype(np.uint8)
+            palette[:, :251] = scene.noise_lut[j]
+        else:
+            label = windows[b, scene.offsets[b]]  # a new (size, size) array: one row gather
+            palette[:, :2] = scene.colours[b].T
+        for k, shape in enumerate(scene.shapes):
+            if not shape.active[b]:
+                continue
+            r, cx, cy = int(shape.radius[b]), int(shape.cx[b]), int(shape.cy[b])
+            y0, y1 = max(0, cy - r), min(size, cy + r + 1)
+            x0, x1 = max(0, cx - r), min(size, cx + r + 1)
+            inside = (np.abs(xs[None, x0:x1] - np.int16(cx)) <= halves[k][b, y0:y1, None])
+            box = label[y0:y1, x0:x1]
+            # box + inside * (value - box) wraps to value inside and keeps box elsewhere
+            step = np.subtract(SHAPE_LABEL + k, box, dtype=np.uint8)
+            np.multiply(step, inside.view(np.uint8), out=step)
+            np.add(box, step, out=box)
+            palette[:, SHAPE_LABEL + k] = shape.colour[b]
+        cv2.merge([cv2.LUT(label, palette[c]) for c in range(3)], dst=out[b])
+    return out
+
+
+def _pixels_torch(scene: _Scene, device: Any) -> Any:
+    """``(B, 3, size, size)`` RGB with whole-batch integer torch operations on ``device``."""
+    import torch
+
+    count, size = scene.count, scene.size
+
+    def put(values: np.ndarray, dtype: Any) -> Any:
+        return torch.from_numpy(np.ascontiguousarray(values, dtype=dtype)).to(device)
+
+    colours = scene.colours
+    second = put(scene.table, np.uint8).unfold(1, size, 1)[
+        torch.arange(count, device=device)[:, None], put(scene.offsets, np.int64)]
+    # uint8 arithmetic wraps: first + (second - first) is the second colour, exactly
+    delta = put((colours[:, 1] - colours[:, 0]) % 256, np.uint8).view(count, 3, 1, 1)
+    image = second.view(count, 1, size, size) * delta
+    image += put(colours[:, 0], np.uint8).view(count, 3, 1, 1)
+
+    noisy = scene.noisy
+    if noisy.size:
+        hashed = put(_noise_hash(size), np.int64)
+        image[put(noisy, np.int64)] = torch.gather(
+            put(scene.noise_lut, np.uint8), 2, hashed.view(1, 1, -1).expand(noisy.size, 3, -1)
+        ).view(noisy.size, 3, size, size)
+
+    xs = np.arange(size)
+    for shape in scene.shapes:
+        dx = np.abs(xs[None, :] - shape.cx[:, None])
+        mask = (put(dx, np.int16).view(count, 1, 1, size)
+                <= put(shape.half, np.int16).view(count, 1, size, 1)).view(torch.uint8)
+        image += mask * (put(shape.colour, np.uint8).view(count, 3, 1, 1) - image)
+    return image
 
 
 def _isqrt(values: np.ndarray) -> np.ndarray:

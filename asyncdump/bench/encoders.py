@@ -41,7 +41,7 @@ def content(kind: str, count: int, size: int) -> np.ndarray:
     from .. import synthetic
 
     images, _ = synthetic.render(list(range(count)), seed=0, size=size)
-    return images.numpy()
+    return np.ascontiguousarray(images.numpy())
 
 
 def encode_one(hwc_rgb: np.ndarray, encoder: str) -> memoryview:
