@@ -8,6 +8,7 @@ import signal
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -77,6 +78,16 @@ def test_blocked_producer_wakes_when_sink_breaks(root: Path,
     assert sink.worker_pids == []
 
 
+@pytest.fixture
+def keyboard_interrupt_on_sigint() -> Iterator[None]:
+    """SIGINT raises KeyboardInterrupt in this test whatever the process inherited: a shell's
+    background job starts with SIGINT ignored, and Python then never installs its handler."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
+
+
+@pytest.mark.usefixtures("keyboard_interrupt_on_sigint")
 def test_interrupt_between_parts_of_an_oversized_batch_fails_the_rest(root: Path) -> None:
     """A batch bigger than the buffer is staged in parts. Ctrl-C while a later part waits for
     space: the staged part is written, the rest fail as "not staged", nothing is lost silently."""
