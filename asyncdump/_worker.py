@@ -18,7 +18,7 @@ import signal
 import sys
 import traceback
 from multiprocessing.connection import Connection
-from typing import Any
+from typing import Any, BinaryIO
 
 import cv2
 import numpy as np
@@ -71,10 +71,17 @@ def _install_signals(parent_pid: int) -> None:
         _on_parent_death(signal.SIGUSR1, None)
 
 
-def _write_temp(temp: str, data: memoryview, fsync: bool) -> None:
-    os.makedirs(os.path.dirname(temp), exist_ok=True)
+def _open_new(temp: str) -> BinaryIO:
     try:
-        with open(temp, "wb") as handle:
+        return open(temp, "wb")
+    except FileNotFoundError:  # the folder is created on first use (or again, if removed)
+        os.makedirs(os.path.dirname(temp), exist_ok=True)
+        return open(temp, "wb")
+
+
+def _write_temp(temp: str, data: memoryview, fsync: bool) -> None:
+    try:
+        with _open_new(temp) as handle:
             handle.write(data)
             if fsync:
                 handle.flush()

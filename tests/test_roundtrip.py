@@ -160,3 +160,17 @@ def test_fsync_true_writes_and_syncs_file_and_folder(root: Path, tmp_path: Path)
         assert len(calls) == 6, calls  # 3 files + their folders (one per image)
     for name in ("a.png", "sub/b.png", "sub/c.png"):
         assert int(read_rgb(root / name)[0, 0, 0]) == 7
+
+
+def test_a_subfolder_removed_during_the_run_is_created_again(root: Path) -> None:
+    """Workers create a name's folder when opening its file fails (not by a check per image),
+    so a folder someone removes between batches comes back."""
+    import shutil
+
+    with AsyncImageSink(root, workers=1) as sink:
+        sink.submit(np.full((1, 3, 8, 8), 5, np.uint8), names=["deep/er/a"])
+        sink.flush()
+        shutil.rmtree(root / "deep")
+        sink.submit(np.full((1, 3, 8, 8), 9, np.uint8), names=["deep/er/b"])
+    assert sorted(p.name for p in (root / "deep" / "er").iterdir()) == ["b.png"]
+    assert int(read_rgb(root / "deep" / "er" / "b.png")[0, 0, 0]) == 9
