@@ -11,7 +11,11 @@ import tarfile
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
+from helpers import read_rgb
+
+from asyncdump import synthetic
 
 ENV = {k: v for k, v in os.environ.items()
        if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR",
@@ -126,6 +130,22 @@ def test_same_bytes_whatever_the_worker_count(tmp_path: Path, mode: str, encoder
             assert json.loads(tar.extractfile(members[2]).read())["label"] == entries[256]["label"]
             assert {(m.mtime, m.uid, m.gid, m.uname, m.gname, m.mode) for m in members} == {
                 (0, 0, 0, "", "", 0o644)}
+
+
+def test_sizes_from_64_write_the_numpy_renderers_pixels(tmp_path: Path) -> None:
+    """From 64² the CPU renderer is the numpy one (channels-last tensors): the files decode to
+    exactly the rendered pixels and are the same bytes whatever the worker count."""
+    common = ["--count", "24", "--size", "96", "--seed", "5", "--device", "cpu"]
+    one, two = tmp_path / "w1", tmp_path / "w2"
+    assert generate("--out", str(one), "--workers", "1", "--batch-size", "10", *common).returncode == 0
+    assert generate("--out", str(two), "--workers", "2", "--batch-size", "7", *common).returncode == 0
+    assert tree(one) == tree(two)
+    images, _ = synthetic.render(list(range(24)), seed=5, size=96)
+    expected = images.permute(0, 2, 3, 1).numpy()
+    entries = manifest(one)
+    assert len(entries) == 24
+    for entry in entries:
+        assert np.array_equal(read_rgb(one / entry["path"]), expected[entry["index"]])
 
 
 def _kill_when_durable(args: list[str], out: Path, lines_at_least: int) -> int:
