@@ -5,9 +5,10 @@ counter-based hash (splitmix64 of seed, index and a field number, in numpy) and 
 small exact tables (background rows, noise levels, per-row shape half-widths). Two renderers
 paint the same pixels from those tables (a test checks they agree byte for byte):
 
-- on the CPU at sizes >= ``NUMPY_MIN_SIZE``, numpy per image: one gather of coloured background
-  rows straight into RGB HWC, then each shape painted inside its bounding box only. The result
-  is returned as a channels-last ``(B, 3, H, W)`` tensor, so the sink copies it with one memcpy
+- on the CPU at sizes >= ``NUMPY_MIN_SIZE``, numpy and OpenCV per image: a one-byte label per
+  pixel (one gather of background rows, or the noise hash), each shape written into it inside
+  its bounding box only, then one table lookup per channel into RGB HWC. The result is
+  returned as a channels-last ``(B, 3, H, W)`` tensor, so the sink copies it with one memcpy
   and fpng reads it without a reorder;
 - otherwise (small images, where per-image Python would dominate, and CUDA), integer-only torch
   operations over the whole batch (a gather of per-image row windows into a texture table,

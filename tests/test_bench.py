@@ -218,3 +218,20 @@ def test_encoder_and_generate_scenarios_report_both_encoders(tmp_path: Path) -> 
         {"cases": {"16 tar": {"summary": {k: summarize([1.0]) for k in ("fpng", "opencv", "ratio")}}},
          "parent_cpu": {"16 files": {"summary": {k: summarize([v]) for k, v in cpu.items()}}}})
     assert config.rounds == 1
+
+
+def test_a_run_warns_when_its_scratch_space_is_short(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                      capsys: pytest.CaptureFixture[str]) -> None:
+    from collections import namedtuple
+
+    from asyncdump.bench import cli
+
+    usage = namedtuple("usage", "total used free")
+    work = tmp_path / "not" / "yet" / "there"
+    monkeypatch.setattr(cli.shutil, "disk_usage", lambda path: usage(0, 0, 5 * 2**30))
+    cli.warn_if_short_of_space(work, quick=False)
+    assert "warning: 5.0 GiB free" in capsys.readouterr().err
+    monkeypatch.setattr(cli.shutil, "disk_usage", lambda path: usage(0, 0, 500 * 2**30))
+    cli.warn_if_short_of_space(work, quick=False)
+    cli.warn_if_short_of_space(work, quick=True)
+    assert capsys.readouterr().err == ""

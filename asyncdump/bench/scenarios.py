@@ -40,7 +40,7 @@ Log = Callable[[str], None]
 
 @dataclass
 class Config:
-    """Sizes and repetitions; ``quick()`` fits 2 minutes on 2 cores, ``full()`` 15."""
+    """Sizes and repetitions; ``quick()`` takes about 2.5 minutes on 2 cores, the default 12."""
 
     rounds: int = 5
     loop_steps: int = 50  # scenario 1
