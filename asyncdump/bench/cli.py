@@ -163,7 +163,8 @@ def register(subparsers: Any) -> None:
                       "(or, with --root, measure your own storage)",
         description="Runs the seven scenarios of the asyncdump benchmark (interleaved rounds, "
                     "medians with min–max): a Markdown report on stdout, JSON and a chart under --out.")
-    parser.add_argument("--quick", action="store_true", help="fewer steps and rounds (about 2.5 min on 2 cores)")
+    parser.add_argument("--quick", action="store_true",
+                        help="fewer steps and rounds (about 2.5 min on 2 cores)")
     parser.add_argument("--scenarios", type=_parse_scenarios, default=[1, 2, 3, 4, 5, 6, 7],
                         help="which scenarios, e.g. 1,3 (default: all seven)")
     parser.add_argument("--rounds", type=int, help="interleaved rounds (default 5, quick 3)")
