@@ -11,6 +11,43 @@ from ._fsutil import fsync_folder, unlink_quietly
 TAR_BLOCK = 512
 
 
+_NAME_FIELD = 100
+_SIZE_LIMIT = 8 ** 11  # an 11-digit octal size field
+
+
+def ustar_header(name: str, size: int) -> bytes:
+    """The ustar header ``tarfile`` writes for a regular file with mode 644, uid/gid 0, mtime 0
+    and no user names, byte for byte (a test compares them), in about a fifth of the time:
+    three members per image made ``TarInfo.tobuf`` a tenth of the parent's work in tar mode."""
+    encoded = name.encode("utf-8", "surrogateescape")
+    if len(encoded) > _NAME_FIELD or size >= _SIZE_LIMIT:  # prefix split or GNU size: tarfile
+        info = tarfile.TarInfo(name)
+        info.size, info.mtime, info.mode = size, 0, 0o644
+        info.uid = info.gid = 0
+        info.uname = info.gname = ""
+        return info.tobuf(tarfile.USTAR_FORMAT, "utf-8", "surrogateescape")
+    header = bytearray(_HEADER_TEMPLATE)
+    header[:len(encoded)] = encoded
+    header[124:136] = b"%011o\0" % size
+    header[148:156] = b"%06o\0 " % sum(header)  # the checksum field counts as 8 spaces
+    return bytes(header)
+
+
+def _header_template() -> bytes:
+    header = bytearray(TAR_BLOCK)
+    header[100:108] = b"0000644\0"  # mode
+    header[108:116] = header[116:124] = b"0000000\0"  # uid, gid
+    header[136:148] = b"00000000000\0"  # mtime
+    header[148:156] = b" " * 8  # checksum, counted as spaces
+    header[156:157] = tarfile.REGTYPE
+    header[257:265] = tarfile.POSIX_MAGIC
+    # devmajor, devminor: left NUL, as tarfile leaves them for regular files
+    return bytes(header)
+
+
+_HEADER_TEMPLATE = _header_template()
+
+
 def member_bytes(size: int) -> int:
     """Bytes one member of ``size`` data bytes takes in the tar (header and padding)."""
     return TAR_BLOCK + size + (-size % TAR_BLOCK)
@@ -31,11 +68,7 @@ class TarPart:
 
     def add(self, member: str, data: bytes) -> int:
         """Append one member; returns the offset of its data in the tar."""
-        info = tarfile.TarInfo(member)
-        info.size, info.mtime, info.mode = len(data), 0, 0o644
-        info.uid = info.gid = 0
-        info.uname = info.gname = ""
-        header = info.tobuf(tarfile.USTAR_FORMAT, "utf-8", "surrogateescape")
+        header = ustar_header(member, len(data))
         self.handle.write(header)
         self.handle.write(data)
         self.handle.write(b"\0" * (-len(data) % TAR_BLOCK))
