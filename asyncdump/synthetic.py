@@ -167,9 +167,13 @@ def _scene(indices: Sequence[int], seed: int, size: int) -> _Scene:
 
 @functools.lru_cache(maxsize=4)
 def _noise_hash(size: int) -> np.ndarray:
-    """``(size, size)`` int64 hash(x, y) in 0..250 of the noise texture, row y, column x."""
+    """``(size, size)`` uint8 hash(x, y) in 0..250 of the noise texture, row y, column x (cached:
+    read-only, callers copy)."""
     axis = np.arange(size, dtype=np.int64) % 1021
-    return (31 * axis[None, :] ** 2 + 17 * axis[:, None] ** 2 + 7 * axis[:, None] * axis[None, :]) % 251
+    hashed = (31 * axis[None, :] ** 2 + 17 * axis[:, None] ** 2 + 7 * axis[:, None] * axis[None, :]) % 251
+    hashed = hashed.astype(np.uint8)
+    hashed.flags.writeable = False
+    return hashed
 
 
 def _pixels_numpy(scene: _Scene) -> np.ndarray:
@@ -188,7 +192,7 @@ def _pixels_numpy(scene: _Scene) -> np.ndarray:
         palette = np.zeros((3, 256), np.uint8)
         j = noise_of.get(b)
         if j is not None:
-            label = _noise_hash(size).astype(np.uint8)
+            label = _noise_hash(size).copy()
             palette[:, :251] = scene.noise_lut[j]
         else:
             label = windows[b, scene.offsets[b]]  # a new (size, size) array: one row gather
