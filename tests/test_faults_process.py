@@ -186,13 +186,21 @@ def test_readers_never_see_partial_files(root: Path) -> None:
     thread.start()
     try:
         with AsyncImageSink(root, workers=1) as sink:
-            for _ in range(15):
+            # After each batch, wait until the reader has opened a new file while the worker
+            # writes the next ones: the race happens by events, whatever this machine's speed.
+            for _ in range(200):
+                seen = len(decoded)
                 sink.submit(batch)
+                deadline = time.monotonic() + 60
+                while len(decoded) == seen and time.monotonic() < deadline:
+                    time.sleep(0.001)
+                if len(decoded) > 50:
+                    break
     finally:
         done.set()
         thread.join()
     assert not problems
-    assert len(decoded) > 50  # the reader really raced the writer
+    assert len(decoded) > 50, "the reader never got to race the writer"
 
 
 def test_soak_memory_and_fds_stay_flat(root: Path) -> None:
