@@ -31,7 +31,7 @@ class Accounting:
 
     # ----------------------------------------------------------------- producer side
     def accept(self, batch: BatchRecord) -> None:
-        self.counters.submitted += len(batch.paths)
+        self.counters.submitted += batch.count
         with self._lock:
             self._open.add(batch)
 

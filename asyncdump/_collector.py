@@ -1,7 +1,8 @@
 """The collector thread: it alone owns the workers, the pending jobs, probes and restarts.
 
     wait on [hand-over pipe, every worker socket]
-      handed-over jobs -> pending queue -> sent to the least busy worker (two jobs each at most)
+      handed-over parts -> cut into jobs -> pending queue -> sent to the least busy worker
+                           (two jobs each at most)
       NotStaged        -> its images fail (they never reached the buffer)
       Encoded          -> release that image's bytes (its temp file is complete)
       Written / Failed -> count, resolve the batch's Future when its last image is done
@@ -26,7 +27,7 @@ from ._buffer import SharedBuffer
 from ._errors import AsyncDumpError, RemoteTraceback
 from ._fsutil import unlink_quietly
 from ._handover import HandOver
-from ._jobs import DONE, ENCODED, PENDING, Job, NotStaged, next_id
+from ._jobs import DONE, ENCODED, PENDING, Job, NotStaged, StagedPart, next_id
 from ._pool import WorkerProcess, start_worker, stop_workers
 from ._protocol import (
     Encoded,
@@ -150,9 +151,19 @@ class Collector:
                     return
 
     def _take_handed_over(self) -> None:
-        self._pending.extend(self._handover.take())
+        self._pending.extend(self._handed_over())
         if self.broken is None:
             self._dispatch()
+
+    def _handed_over(self) -> list[Job | NotStaged]:
+        """What producers handed over, in order, with each staged part cut into its jobs."""
+        items: list[Job | NotStaged] = []
+        for item in self._handover.take():
+            if isinstance(item, StagedPart):
+                items.extend(item.jobs())
+            else:
+                items.append(item)
+        return items
 
     def _dispatch(self) -> None:
         while self._pending and self._workers:
@@ -336,7 +347,7 @@ class Collector:
         for worker in self._workers:
             self._handle_reports(worker)
             worker.conn.close()
-        self._pending.extend(self._handover.take())
+        self._pending.extend(self._handed_over())
         jobs = list(self._pending) + [job for w in self._workers for job in w.inflight.values()]
         self._pending.clear()
         self._workers.clear()

@@ -3,7 +3,7 @@
     CUDA tensor   converted on its device to uint8 (or uint16) HWC in the encoder's channel
                   order (RGB for fpng, BGR for OpenCV), then ``copy_(non_blocking=True)`` into
                   the page-locked buffer, and an event recorded on the current stream.
-    CopyWaiter    one thread that sleeps on each copy's event, then hands the batch's jobs on
+    CopyWaiter    one thread that sleeps on each copy's event, then hands the staged part on
                   to the collector; it starts with the first CUDA batch a sink sees.
 
 Like ``_staging``, it never imports torch itself before a CUDA tensor has arrived.

@@ -3,6 +3,10 @@
 A ``BatchRecord`` is one ``submit`` call's promise; its Future resolves when its last image is
 written or failed. A ``Job`` is a run of consecutive images of one batch, staged at
 ``offset + k * image_bytes``, sent to one worker as a ``RunJob``.
+
+``submit`` hands over a ``StagedPart`` and the collector thread cuts it into jobs, and, for a
+batch named by a plain template, renders its paths (``Namer.plain_paths``): that per-image
+Python then runs while the training loop computes, not inside ``submit``.
 """
 
 from __future__ import annotations
@@ -10,6 +14,7 @@ from __future__ import annotations
 import concurrent.futures
 import itertools
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -28,17 +33,33 @@ def next_id() -> int:
 class BatchRecord:
     """One submit call's promise: its Future resolves when ``remaining`` reaches 0."""
 
-    __slots__ = ("digest", "failures", "future", "paths", "remaining", "results")
+    __slots__ = ("_paths", "_render", "count", "digest", "failures", "future", "remaining",
+                 "results")
 
-    def __init__(self, paths: list[str], encode_only: bool = False, digest: bool = False):
+    def __init__(self, paths: list[str] | Callable[[], list[str]], count: int,
+                 encode_only: bool = False, digest: bool = False):
+        """``paths``: the batch's paths, or a function that renders them when first needed
+        (it must not fail: ``Namer.plain_paths`` checks the batch before it returns one)."""
         self.future: concurrent.futures.Future[Any] = concurrent.futures.Future()
         self.future.set_running_or_notify_cancel()  # a caller's cancel() cannot race a result
-        self.paths = paths
-        self.remaining = len(paths)
+        self._paths: list[str] | None = paths if isinstance(paths, list) else None
+        self._render: Callable[[], list[str]] | None = None if isinstance(paths, list) else paths
+        self.count = count
+        self.remaining = count
         self.failures: list[tuple[Path, BaseException]] = []
         # encode_only: the file bytes; digest: (bytes, sha256) or, when written, (sha256, nbytes)
-        self.results: list[Any] | None = [None] * len(paths) if encode_only or digest else None
+        self.results: list[Any] | None = [None] * count if encode_only or digest else None
         self.digest = digest
+
+    @property
+    def paths(self) -> list[str]:
+        """The batch's paths (str), one per image; rendered on first use when deferred.
+
+        Idempotent, so two threads racing to render it get equal lists."""
+        if self._paths is None:
+            assert self._render is not None
+            self._paths = self._render()
+        return self._paths
 
 
 class Job:
@@ -73,13 +94,31 @@ class NotStaged(NamedTuple):
     reason: BaseException
 
 
+class StagedPart(NamedTuple):
+    """Images ``start:stop`` of a batch, copied to ``offset`` and not yet cut into jobs of
+    ``per_job`` images (the collector cuts them; ``stamp`` makes temp names unique)."""
+
+    batch: BatchRecord
+    settings: JobSettings
+    start: int
+    stop: int
+    offset: int
+    per_job: int
+    stamp: str
+
+    def jobs(self) -> list[Job]:
+        return cut_into_jobs(self.batch, self.settings, self.start, self.stop - self.start,
+                             self.offset, self.per_job, self.stamp)
+
+
 def cut_into_jobs(batch: BatchRecord, settings: JobSettings, start: int, count: int,
                   offset: int, per_job: int, stamp: str) -> list[Job]:
     """Images ``start:start+count`` of ``batch``, staged from ``offset``, as jobs of
     ``per_job`` images, each with its own temp file name (``stamp`` makes them unique)."""
     jobs = []
+    paths = batch.paths
     for first in range(start, start + count, per_job):
-        items = [Item(i, batch.paths[i], temp_path(batch.paths[i], stamp, i),
+        items = [Item(i, paths[i], temp_path(paths[i], stamp, i),
                       offset + (i - start) * settings.image_bytes)
                  for i in range(first, min(first + per_job, start + count))]
         jobs.append(Job(batch, items, settings))

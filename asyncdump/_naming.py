@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import os
+import re
 import string
 import sys
 from collections import deque
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +31,30 @@ def current_rank() -> int:
         return 0
 
 
+_PLAIN_SPEC = re.compile(r"0?\d*[dxXob]?")  # an integer, maybe zero-padded: never "/" or "."
+
+
+def is_plain_template(template: str) -> bool:
+    """True when every name of a batch is valid once its first one is: the template uses
+    ``{index}``, only built-in fields with plain integer format specs (``{index:08d}``), and
+    no "/" after ``{index}`` or ``{batch}`` (so one folder per batch). Such a batch needs only
+    its first name checked at ``submit``: the others differ in digits alone and are distinct."""
+    try:
+        parsed = list(string.Formatter().parse(template))
+    except ValueError:
+        return False
+    seen_per_image = False
+    for literal, field, spec, conversion in parsed:
+        if seen_per_image and "/" in literal:
+            return False
+        if field is None:
+            continue
+        if field not in BUILTIN_FIELDS or conversion or not _PLAIN_SPEC.fullmatch(spec or ""):
+            return False
+        seen_per_image |= field in ("index", "batch")
+    return "index" in {field for _, field, _, _ in parsed}
+
+
 def template_fields(template: str) -> set[str]:
     """The top-level field names a ``str.format`` template refers to."""
     fields = set()
@@ -47,7 +72,8 @@ class Namer:
     batch share a path, or when a path equals one of the last ``RECENT_PATHS`` paths this sink
     accepted. A path reused after more than ``RECENT_PATHS`` later images is not detected.
     Templates with ``{index}`` need no window: the running index makes paths unique.
-    Not thread-safe: the sink calls it under its submit lock.
+    Not thread-safe: the sink calls it under its submit lock (``plain_paths``' render
+    function reads only what never changes, so any thread may call it).
     """
 
     def __init__(self, root: Path, template: str, extension: str, overwrite: bool = False):
@@ -64,6 +90,7 @@ class Namer:
         self.extension = extension
         self.overwrite = overwrite
         self._unique_by_index = "index" in self._fields
+        self._plain = is_plain_template(template)
         self._recent: deque[str] = deque()  # accepted paths, oldest first
         self._recent_set: set[str] = set()  # the same paths, for O(1) lookups
         self._checked_dirs: set[str] = set()
@@ -103,10 +130,26 @@ class Namer:
                                      "unique (e.g. add {index}) or pass overwrite=True")
         return paths
 
+    def plain_paths(self, count: int, *, start_index: int, step: int | None,
+                    names: Sequence[str] | None) -> Callable[[], list[str]] | None:
+        """For a plain template (``is_plain_template``) and no ``names``: check the first
+        name now (``ValueError`` as ``paths``) and return a function that renders all
+        ``count`` paths, equal to ``paths``' (the collector thread calls it). Else None."""
+        if not self._plain or names is not None or count < 1:
+            return None
+        rank = current_rank() if "rank" in self._fields else 0
+        self._checked_path(self._render(start_index, step, 0, rank, {}))
+        template, join = self.template, self._join
+
+        def render() -> list[str]:
+            return [join(template.format(index=start_index + i, step=step, batch=i, rank=rank))
+                    for i in range(count)]
+        return render
+
     def record(self, paths: list[str], names: Sequence[str] | None) -> None:
         """Remember accepted paths (the last ``RECENT_PATHS``) so a later batch cannot
         silently overwrite them."""
-        if self.overwrite or not self._must_track(names):
+        if not self.tracks(names):
             return
         recent, recent_set = self._recent, self._recent_set
         for path in paths[-RECENT_PATHS:]:
@@ -114,6 +157,10 @@ class Namer:
             recent_set.add(path)
         while len(recent) > RECENT_PATHS:
             recent_set.discard(recent.popleft())
+
+    def tracks(self, names: Sequence[str] | None) -> bool:
+        """Whether ``record`` keeps this batch's paths (callers skip rendering them if not)."""
+        return not self.overwrite and self._must_track(names)
 
     def _must_track(self, names: Sequence[str] | None) -> bool:
         return names is not None or not self._unique_by_index
@@ -135,10 +182,16 @@ class Namer:
         except (ValueError, IndexError, AttributeError, TypeError) as exc:
             raise ValueError(f"name template {self.template!r} failed to format: {exc}") from None
 
+    def _join(self, name: str) -> str:
+        """The path of a checked name (what ``_checked_path`` returns for it)."""
+        if "/" in name:
+            return os.path.join(self._root_str, name + self.extension)
+        return f"{self._root_str}{os.sep}{name}{self.extension}"
+
     def _checked_path(self, name: object) -> str:
         if isinstance(name, str) and name and "/" not in name and "\\" not in name \
                 and "\x00" not in name and name not in (".", ".."):
-            return f"{self._root_str}{os.sep}{name}{self.extension}"  # in root itself: checked
+            return self._join(name)  # in root itself: checked
         if not isinstance(name, str) or not name:
             raise ValueError(f"each name must be a non-empty string, got {name!r}")
         if "\x00" in name or "\\" in name:
@@ -149,7 +202,7 @@ class Namer:
         if any(part in ("", ".", "..") for part in parts):
             raise ValueError(f"name {name!r} would resolve outside root or has empty/'.'/'..' "
                              "components; use plain relative names such as 'epoch3/img_0001'")
-        path = os.path.join(self._root_str, name + self.extension)
+        path = self._join(name)
         folder = os.path.dirname(path)
         if folder not in self._checked_dirs:
             real = os.path.realpath(folder)

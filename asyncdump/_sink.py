@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import atexit
 import concurrent.futures
+import functools
 import itertools
 import os
 import threading
@@ -39,12 +40,12 @@ from ._device import CopyWaiter, DeviceStager
 from ._encoders import FPNG, check_png_encoder, encoder_for
 from ._errors import AsyncDumpError, BufferFullError, describe_failures
 from ._handover import HandOver
-from ._jobs import BatchRecord, NotStaged, cut_into_jobs
+from ._jobs import BatchRecord, NotStaged, StagedPart
 from ._naming import Namer
 from ._protocol import JobSettings
 from ._signals import deferred_sigint
 from ._staging import Batch, Conversion, copy_into_buffer, inspect
-from ._stats import Counters, SinkStats
+from ._stats import SinkStats
 
 ON_FULL = ("block", "drop", "raise")
 ON_ERROR = ("raise", "warn", "ignore")
@@ -138,7 +139,7 @@ class AsyncImageSink:
         Thread-safe: calls from several threads are staged one at a time, so every image gets
         its own index and path and each thread's batches keep their order.
         """
-        with self._submit_lock, self._timed():
+        with self._submit_lock:
             return self._submit(images, step, names, fields)
 
     def encode(self, images: Any) -> concurrent.futures.Future[list[bytes]]:
@@ -147,22 +148,27 @@ class AsyncImageSink:
         For writers that put images somewhere other than a file of their own (tar shards,
         object stores). Same staging, back-pressure and error rules; no names are used.
         """
-        with self._submit_lock, self._timed():
+        with self._submit_lock:
             return self._submit(images, None, None, {}, encode_only=True)
 
     def _submit_digest(self, images: Any, names: Sequence[str] | None) -> concurrent.futures.Future[Any]:
         """For DatasetSink: ``submit(names=...)`` (or ``encode`` when ``names`` is None) whose
         workers also hash each file; the Future gives ``(sha256, nbytes)`` per written image
         (None for one a replacement of a dead worker finished) or ``(bytes, sha256)``."""
-        with self._timed():
-            return self._submit(images, None, names, {}, encode_only=names is None, digest=True)
-
-    def _timed(self) -> _SubmitTimer:
-        return _SubmitTimer(self._accounting.counters)
+        return self._submit(images, None, names, {}, encode_only=names is None, digest=True)
 
     def _submit(self, images: Any, step: int | None, names: Sequence[str] | None,
                 fields: dict[str, Any], encode_only: bool = False,
                 digest: bool = False) -> concurrent.futures.Future[Any]:
+        began = time.perf_counter()
+        try:
+            return self._stage_batch(images, step, names, fields, encode_only, digest)
+        finally:  # stats.submit_seconds
+            self._accounting.counters.submit_seconds += time.perf_counter() - began
+
+    def _stage_batch(self, images: Any, step: int | None, names: Sequence[str] | None,
+                     fields: dict[str, Any], encode_only: bool,
+                     digest: bool) -> concurrent.futures.Future[Any]:
         self._check_usable()
         self._deliver_failures(raise_now=True)
         batch = inspect(images, self._codec)
@@ -175,14 +181,18 @@ class AsyncImageSink:
             done: concurrent.futures.Future[list[Path]] = concurrent.futures.Future()
             done.set_result([])
             return done
+        paths: list[str] | Callable[[], list[str]] | None
         if encode_only:
-            paths = [f"<encoded image {i}>" for i in range(batch.count)]
-        else:
-            paths = self._namer.paths(batch.count, start_index=self._next_index, step=step,
-                                      names=names, fields=fields)
+            paths = functools.partial(_encoded_labels, batch.count)
+        else:  # a plain template's names are rendered by the collector, off this thread
+            paths = self._namer.plain_paths(batch.count, start_index=self._next_index, step=step,
+                                            names=names)
+            if paths is None:
+                paths = self._namer.paths(batch.count, start_index=self._next_index, step=step,
+                                          names=names, fields=fields)
         settings = JobSettings(batch.spec(encoder, rule), batch.image_bytes, self._codec.extension,
                                self._params, self.fsync, encode_only, digest)
-        record = BatchRecord(paths, encode_only, digest)
+        record = BatchRecord(paths, batch.count, encode_only, digest)
         per_part = max(1, min(batch.count, self._buffer.capacity_bytes // batch.image_bytes,
                               self._buffer.max_images))
         staged = 0
@@ -210,7 +220,7 @@ class AsyncImageSink:
         except BaseException as exc:
             if staged:  # part of the batch is promised already: the collector fails the rest
                 reason = AsyncDumpError(f"not staged: submit was interrupted ({type(exc).__name__})")
-                self._handover.put([NotStaged(record, range(staged, len(paths)), reason)])
+                self._handover.put([NotStaged(record, range(staged, batch.count), reason)])
             raise
         return record.future
 
@@ -229,18 +239,19 @@ class AsyncImageSink:
             destination = self._buffer.view(offset, count * batch.image_bytes)
             copy_into_buffer(batch, start, start + count, destination)
         per_job = max(1, -(-count // (JOBS_PER_WORKER * self.workers)))
-        jobs = cut_into_jobs(record, settings, start, count, offset, per_job,
-                             stamp=f"{self._token}-{next(_serial)}")
+        part = StagedPart(record, settings, start, start + count, offset, per_job,
+                          f"{self._token}-{next(_serial)}")  # the collector cuts it into jobs
         if first:
             if not settings.return_bytes:
-                self._namer.record(record.paths, names)
-                self._next_index += len(record.paths)
+                if self._namer.tracks(names):
+                    self._namer.record(record.paths, names)
+                self._next_index += record.count
             self._accounting.accept(record)
         if event is None:
-            self._handover.put(jobs)
+            self._handover.put([part])
         else:
             assert self._copy_waiter is not None
-            self._copy_waiter.put(jobs, event, keepalive)
+            self._copy_waiter.put([part], event, keepalive)
 
     def _refuse(self, count: int) -> concurrent.futures.Future[list[Path]]:
         if self.on_full == "raise":
@@ -387,20 +398,9 @@ class AsyncImageSink:
         return f"AsyncImageSink({str(self.root)!r}, format={self._codec.extension[1:]!r}, {state})"
 
 
-class _SubmitTimer:
-    """Adds the time spent in a ``submit``/``encode`` call to ``submit_seconds``."""
-
-    __slots__ = ("_began", "_counters")
-
-    def __init__(self, counters: Counters):
-        self._counters = counters
-        self._began = 0.0
-
-    def __enter__(self) -> None:
-        self._began = time.perf_counter()
-
-    def __exit__(self, *exc: object) -> None:
-        self._counters.submit_seconds += time.perf_counter() - self._began
+def _encoded_labels(count: int) -> list[str]:
+    """``encode``'s stand-ins for paths, used in error messages."""
+    return [f"<encoded image {i}>" for i in range(count)]
 
 
 def _positive_int(name: str, value: Any, default: Callable[[], int]) -> int:

@@ -102,6 +102,13 @@ class Batch:
                          self.on_cuda, encoder, rule if needs_rule else None)
 
 
+@functools.lru_cache(maxsize=1)
+def _torch_dtype_names(torch: Any) -> dict[Any, str]:
+    """``TORCH_DTYPES`` keyed by the dtype objects of this torch (older ones lack uint16)."""
+    return {getattr(torch, name.split(".")[1]): value for name, value in TORCH_DTYPES.items()
+            if hasattr(torch, name.split(".")[1])}
+
+
 def torch_module() -> Any:
     """torch if the program imported it, else None (this module never imports it)."""
     return sys.modules.get("torch")
@@ -145,7 +152,7 @@ def inspect(images: Any, codec: Codec) -> Batch:
         raise _shape_error(shape)
 
     if is_tensor:
-        dtype = TORCH_DTYPES.get(str(images.dtype))
+        dtype = _torch_dtype_names(torch).get(images.dtype)
     else:
         dtype = images.dtype.name if images.dtype.name in NUMPY_DTYPES else None
     if dtype is None:
@@ -160,7 +167,7 @@ def inspect(images: Any, codec: Codec) -> Batch:
                          f"({codec.note or 'unsupported'}); use png, webp or tiff for RGBA")
 
     on_cuda = bool(is_tensor and images.is_cuda)
-    if is_tensor and not on_cuda and images.device.type != "cpu":
+    if is_tensor and not on_cuda and not images.is_cpu:
         raise ValueError(f"tensors on {images.device.type!r} are not supported; "
                          "pass a CPU or CUDA tensor (or call .cpu())")
     if on_cuda:
@@ -169,7 +176,7 @@ def inspect(images: Any, codec: Codec) -> Batch:
         layout = "nhwc"
     else:
         if is_tensor:
-            tensor = images.detach()
+            tensor = images.detach() if images.requires_grad else images  # numpy() needs it
             if dtype == "bfloat16":  # numpy has no bfloat16: carry the raw bits as uint16
                 array = tensor.view(torch.int16).numpy().view(np.uint16)
             else:
@@ -178,11 +185,11 @@ def inspect(images: Any, codec: Codec) -> Batch:
             array = images
         array = array.reshape(shape4) if array.ndim != 4 else array
         stored = dtype
-        channels_last = array.transpose(0, 2, 3, 1)
-        if not array.flags.c_contiguous and channels_last.flags.c_contiguous:
-            source, layout = channels_last, "nhwc"
-        else:
-            source, layout = array, "nchw"
+        source, layout = array, "nchw"
+        if not array.flags.c_contiguous:
+            channels_last = array.transpose(0, 2, 3, 1)
+            if channels_last.flags.c_contiguous:
+                source, layout = channels_last, "nhwc"
     image_bytes = channels * height * width * _ITEMSIZE[stored]
     return Batch(source, on_cuda, count, channels, height, width, stored, layout, image_bytes)
 

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from asyncdump import AsyncImageSink, _naming
+from asyncdump._jobs import BatchRecord
 
 IMG = np.zeros((2, 1, 4, 4), np.uint8)
 
@@ -103,3 +104,59 @@ def test_namer_memory_does_not_grow_with_run_length(root: Path) -> None:
     finally:
         tracemalloc.stop()
     assert grown < 100_000, f"the namer grew by {grown} bytes over {4 * window} more paths"
+
+
+@pytest.mark.parametrize(("template", "plain"), [
+    ("{index:08d}", True), ("img_{index}", True), ("run/{step:04d}_{index:06x}", True),
+    ("r{rank}/{batch}_{index:b}", True), ("{index:5}", True),
+    ("{index:08d}/img", False),  # the folder changes with the index: each one is checked
+    ("{step}_{batch}", False),  # no {index}: names may repeat, the collision check runs
+    ("{tag}_{index}", False),  # a keyword field: rendered and checked per image
+    ("{index:c}", False), ("{index!s}", False), ("{index:>{width}}", False),
+    ("{index:/>8}", False), ("{index:,}", False), ("{index.real}", False),
+])
+def test_plain_templates_are_the_ones_whose_names_cannot_fail(template: str, plain: bool) -> None:
+    assert _naming.is_plain_template(template) is plain
+
+
+@pytest.mark.parametrize("template", ["{index:08d}", "sub/dir/{step}-{index:x}", "r{rank}_{batch}_{index}"])
+def test_plain_paths_are_the_paths_the_full_check_gives(root: Path, template: str,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("RANK", "2")
+    root.mkdir()
+    namer = _naming.Namer(root, template, ".png")
+    for start, step, count in [(0, 0, 1), (7, -3, 16), (99_999_990, 12, 20)]:
+        render = namer.plain_paths(count, start_index=start, step=step, names=None)
+        assert render is not None
+        assert render() == namer.paths(count, start_index=start, step=step, names=None, fields={})
+    assert namer.plain_paths(2, start_index=0, step=0, names=["a", "b"]) is None
+
+
+def test_plain_template_errors_still_come_from_submit(root: Path, tmp_path: Path) -> None:
+    """Only the first name of a plain-template batch is checked at the call; that check
+    raises what the full one did, and nothing is staged."""
+    outside = tmp_path / "elsewhere"
+    outside.mkdir()
+    root.mkdir()
+    os.symlink(outside, root / "link")
+    for template, step, error in [("link/{index}", 0, "outside root"),
+                                  ("../{index}", 0, "outside root"),
+                                  ("{step}_{index}", None, "step=None")]:
+        with AsyncImageSink(root, name=template) as sink:
+            with pytest.raises(ValueError, match=error):
+                sink.submit(IMG, step=step)
+            assert sink.stats.submitted == 0
+    assert not list(outside.iterdir())
+
+
+def test_a_batch_record_renders_deferred_paths_once_on_first_use() -> None:
+    calls = []
+
+    def render() -> list[str]:
+        calls.append(1)
+        return ["/r/a.png", "/r/b.png"]
+
+    record = BatchRecord(render, 2)
+    assert calls == [] and record.count == record.remaining == 2
+    assert record.paths == ["/r/a.png", "/r/b.png"] and record.paths is record.paths
+    assert calls == [1]
