@@ -235,3 +235,19 @@ def test_a_run_warns_when_its_scratch_space_is_short(tmp_path: Path, monkeypatch
     cli.warn_if_short_of_space(work, quick=False)
     cli.warn_if_short_of_space(work, quick=True)
     assert capsys.readouterr().err == ""
+
+
+def test_submit_beyond_its_copy_is_taken_per_round_against_copy_floor() -> None:
+    def entry(overhead: float, p50s: list[float]) -> dict[str, object]:
+        return {"summary": {"overhead_pct": summarize([overhead])}, "written": 0, "expected": 0,
+                "rounds": [{"p50_ms": p} for p in p50s]}
+
+    def beyond(ours: list[float]) -> dict[str, object]:
+        s1 = {"contenders": {"copy_floor": entry(4.0, [1.5, 2.0, 1.0]), "asyncdump": entry(5.0, ours)}}
+        rows = report.targets({"scenario1_gpu_bound": s1})
+        return next(r for r in rows if "beyond its copy" in r["target"])
+
+    low = beyond([1.7, 2.3, 1.2])  # 0.2, 0.3, 0.2 ms more than the same round's copy
+    assert low["measured"] == "0.200 ms" and low["met"]
+    high = beyond([1.9, 1.8, 1.5])  # 0.4, -0.2, 0.5
+    assert high["measured"] == "0.400 ms" and not high["met"]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import statistics
 from pathlib import Path
 from typing import Any
 
@@ -107,6 +108,11 @@ def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
             floor = s1["contenders"]["copy_floor"]["summary"]["overhead_pct"]["median"]
             out.append({"target": "scenario 1: asyncdump loop overhead ≤ copy_floor's + 1.5 points",
                         "measured": f"{ours:.2f} % vs {floor:.2f} %", "met": ours <= floor + 1.5})
+            beyond = submit_beyond_copy_in_loop(s1)
+            if beyond is not None:
+                out.append({"target": "scenario 1: submit beyond its copy into the buffer ≤ 0.3 ms "
+                                      "(save p50 − copy_floor's, per round), 16-image batch",
+                            "measured": f"{beyond:.3f} ms", "met": beyond <= 0.3})
         if "e2e_overhead_pct" in s1["contenders"]["asyncdump"]["summary"]:
             e2e = s1["contenders"]["asyncdump"]["summary"]["e2e_overhead_pct"]["median"]
             out.append({"target": "scenario 1: asyncdump end-to-end overhead (loop + drain) ≤ 15 %",
@@ -141,9 +147,6 @@ def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
                             "measured": f"{eff:.2f}", "met": eff >= TARGET_EFFICIENCY})
     s4 = results.get("scenario4_submit_cost")
     if s4 and "12 MB" in s4["sizes"]:
-        beyond = s4["sizes"]["12 MB"]["summary"]["beyond_copy_ms"]["median"]
-        out.append({"target": "scenario 4: submit beyond its copy ≤ 0.3 ms p50, 16-image batch",
-                    "measured": f"{beyond:.3f} ms", "met": beyond <= 0.3})
         ratio = s4["sizes"]["12 MB"]["summary"]["ratio"]["median"]
         out.append({"target": f"scenario 4: submit ≤ {TARGET_SUBMIT_RATIO:g}× memcpy for 12 MB",
                     "measured": f"{ratio:.2f}×", "met": ratio <= TARGET_SUBMIT_RATIO})
@@ -152,6 +155,16 @@ def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
         out.append({"target": "zero images lost (except counted drops)",
                     "measured": "none lost" if not lost else "; ".join(lost), "met": not lost})
     return out
+
+
+def submit_beyond_copy_in_loop(s1: dict[str, Any]) -> float | None:
+    """Median over rounds of asyncdump's save p50 minus copy_floor's in the same round (ms):
+    what ``submit`` costs beyond its one copy into pre-faulted shared memory, in the loop."""
+    ours = s1["contenders"].get("asyncdump", {}).get("rounds")
+    floor = s1["contenders"].get("copy_floor", {}).get("rounds")
+    if not ours or not floor:
+        return None
+    return float(statistics.median(a["p50_ms"] - f["p50_ms"] for a, f in zip(ours, floor, strict=True)))
 
 
 def lost_images(results: dict[str, Any]) -> list[str]:
