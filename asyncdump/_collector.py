@@ -198,7 +198,7 @@ class Collector:
         """Handle what is readable now; False once the worker's socket is at EOF."""
         while True:
             try:
-                if not worker.conn.poll():
+                if not worker.has_reports():
                     return True
                 report = worker.conn.recv()
             except (EOFError, OSError):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import select
 import signal
 import socket
 import subprocess
@@ -38,9 +39,18 @@ class WorkerProcess:
     ready: bool = False  # it imported cv2, mapped the buffer and said so
     replaces_death_at: float | None = None  # perf_counter when the worker it replaces died
 
+    def __post_init__(self) -> None:
+        # Connection.poll() builds a selector per call (~10 us); a poll object is made once.
+        self._poller = select.poll()
+        self._poller.register(self.conn.fileno(), select.POLLIN)
+
     @property
     def pid(self) -> int:
         return self.process.pid
+
+    def has_reports(self) -> bool:
+        """Whether a report (or EOF: the worker died) can be read without waiting."""
+        return bool(self._poller.poll(0))
 
     def rss_bytes(self) -> int:
         try:
