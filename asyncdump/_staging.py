@@ -136,7 +136,11 @@ def inspect(images: Any, codec: Codec) -> Batch:
     is_tensor = torch is not None and isinstance(images, torch.Tensor)
     if not is_tensor and not isinstance(images, np.ndarray):
         raise TypeError(f"images must be a torch.Tensor or numpy.ndarray, got {type(images).__name__}")
-    shape = tuple(images.shape)
+    array: np.ndarray | None = None if is_tensor else images
+    dtype = _torch_dtype_names(torch).get(images.dtype) if is_tensor else None
+    if is_tensor and dtype is not None and images.is_cpu:
+        array = _host_view(torch, images, dtype)  # its shape costs less than the tensor's
+    shape = tuple(images.shape) if array is None else array.shape
     if len(shape) == 2:
         shape4 = (1, 1, *shape)
     elif len(shape) == 3:
@@ -151,9 +155,7 @@ def inspect(images: Any, codec: Codec) -> Batch:
     if height < 1 or width < 1:
         raise _shape_error(shape)
 
-    if is_tensor:
-        dtype = _torch_dtype_names(torch).get(images.dtype)
-    else:
+    if not is_tensor:
         dtype = images.dtype.name if images.dtype.name in NUMPY_DTYPES else None
     if dtype is None:
         raise TypeError(f"unsupported dtype {images.dtype}; accepted: {ACCEPTED}")
@@ -175,14 +177,7 @@ def inspect(images: Any, codec: Codec) -> Batch:
         stored = out_depth
         layout = "nhwc"
     else:
-        if is_tensor:
-            tensor = images.detach() if images.requires_grad else images  # numpy() needs it
-            if dtype == "bfloat16":  # numpy has no bfloat16: carry the raw bits as uint16
-                array = tensor.view(torch.int16).numpy().view(np.uint16)
-            else:
-                array = tensor.numpy()
-        else:
-            array = images
+        assert array is not None
         array = array.reshape(shape4) if array.ndim != 4 else array
         stored = dtype
         source, layout = array, "nchw"
@@ -192,6 +187,15 @@ def inspect(images: Any, codec: Codec) -> Batch:
                 source, layout = channels_last, "nhwc"
     image_bytes = channels * height * width * _ITEMSIZE[stored]
     return Batch(source, on_cuda, count, channels, height, width, stored, layout, image_bytes)
+
+
+def _host_view(torch: Any, tensor: Any, dtype: str) -> np.ndarray:
+    """The numpy view of a CPU tensor's values (bfloat16: its raw bits as uint16)."""
+    if tensor.requires_grad:  # numpy() refuses it
+        tensor = tensor.detach()
+    if dtype == "bfloat16":  # numpy has no bfloat16
+        return tensor.view(torch.int16).numpy().view(np.uint16)
+    return tensor.numpy()
 
 
 def copy_into_buffer(batch: Batch, start: int, stop: int, destination: np.ndarray) -> None:

@@ -234,22 +234,26 @@ def single_process_rate(images: np.ndarray, fmt: str, folder: Path) -> float:
 
 
 def sink_rate(images: np.ndarray, fmt: str, batch: int, workers: int, folder: Path,
-              repeat: int = 1, **sink_options: Any) -> dict[str, Any]:
+              repeat: int = 1, warmup_passes: int | None = None,
+              **sink_options: Any) -> dict[str, Any]:
     """Images/s of an AsyncImageSink with ``workers`` draining ``images`` (``repeat`` times),
     submitted as fast as possible and timed from the first submit to the end of ``flush``.
 
-    Not timed: worker start-up and one pass over ``images`` (as in a long-running sink, the
-    buffer's shared pages are then populated and mapped in every process; a fresh sink pays
-    that once, see docs/benchmarks.md)."""
+    Not timed: worker start-up and ``warmup_passes`` (default: as many as are timed) over
+    ``images``. As in a long-running sink, the buffer's shared pages that the timed passes
+    reach are then populated and mapped in every process; a fresh sink pays that once, see
+    docs/benchmarks.md. Long runs (``--root``) amortise it and warm up with one pass."""
     from .. import AsyncImageSink
 
     folder = scratch_folder(folder)
     sink = AsyncImageSink(folder, workers=workers, format=fmt, name="{index:08d}", **sink_options)
-    warmup = len(images)
+    passes = repeat if warmup_passes is None else warmup_passes
+    warmup = len(images) * passes
     try:
-        for first in range(0, len(images), batch):
-            sink.submit(images[first:first + batch],
-                        names=[f"warmup{i}" for i in range(first, min(first + batch, len(images)))])
+        for r in range(passes):
+            for first in range(0, len(images), batch):
+                stop = min(first + batch, len(images))
+                sink.submit(images[first:stop], names=[f"warmup{r}-{i}" for i in range(first, stop)])
         sink.flush()
         with Stopwatch() as watch:
             for _ in range(repeat):

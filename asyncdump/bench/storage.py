@@ -52,7 +52,7 @@ def storage_bench(root: Path, size: int, fmt: str, rounds: int, seconds: float,
             if r:
                 singles.append(single_process_rate(images, fmt, folder))
             for k in per_workers:
-                result = sink_rate(images, fmt, batch, k, folder, repeat=repeat)
+                result = sink_rate(images, fmt, batch, k, folder, repeat=repeat, warmup_passes=1)
                 if result["written"] != result["expected"]:
                     raise RuntimeError(f"{k} workers wrote {result['written']} of {result['expected']}")
                 per_workers[k].append(result["images_per_second"])
