@@ -139,10 +139,9 @@ class Namer:
             return None
         rank = current_rank() if "rank" in self._fields else 0
         self._checked_path(self._render(start_index, step, 0, rank, {}))
-        template, join = self.template, self._join
 
-        def render() -> list[str]:
-            return [join(template.format(index=start_index + i, step=step, batch=i, rank=rank))
+        def render() -> list[str]:  # the names _render gives, which the check above vouches for
+            return [self._join(self._render(start_index + i, step, i, rank, {}))
                     for i in range(count)]
         return render
 
