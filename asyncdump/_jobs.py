@@ -107,22 +107,16 @@ class StagedPart(NamedTuple):
     stamp: str
 
     def jobs(self) -> list[Job]:
-        return cut_into_jobs(self.batch, self.settings, self.start, self.stop - self.start,
-                             self.offset, self.per_job, self.stamp)
-
-
-def cut_into_jobs(batch: BatchRecord, settings: JobSettings, start: int, count: int,
-                  offset: int, per_job: int, stamp: str) -> list[Job]:
-    """Images ``start:start+count`` of ``batch``, staged from ``offset``, as jobs of
-    ``per_job`` images, each with its own temp file name (``stamp`` makes them unique)."""
-    jobs = []
-    paths = batch.paths
-    for first in range(start, start + count, per_job):
-        items = [Item(i, paths[i], temp_path(paths[i], stamp, i),
-                      offset + (i - start) * settings.image_bytes)
-                 for i in range(first, min(first + per_job, start + count))]
-        jobs.append(Job(batch, items, settings))
-    return jobs
+        """The part as jobs of ``per_job`` consecutive images, each image with its own temp
+        file name."""
+        paths, image_bytes = self.batch.paths, self.settings.image_bytes
+        jobs = []
+        for first in range(self.start, self.stop, self.per_job):
+            items = [Item(i, paths[i], temp_path(paths[i], self.stamp, i),
+                          self.offset + (i - self.start) * image_bytes)
+                     for i in range(first, min(first + self.per_job, self.stop))]
+            jobs.append(Job(self.batch, items, self.settings))
+        return jobs
 
 
 def temp_path(final: str, stamp: str, index: int) -> str:

@@ -123,7 +123,7 @@ class Namer:
                 dup = next(p for p in paths if paths.count(p) > 1)
                 raise ValueError(f"two images of this batch would be written to {dup}; make names "
                                  "unique (e.g. add {batch} or {index}) or pass overwrite=True")
-            if self._must_track(names):
+            if self.tracks(names):
                 clash = next((p for p in paths if p in self._recent_set), None)
                 if clash is not None:
                     raise ValueError(f"{clash} was already submitted to this sink; make names "
@@ -158,11 +158,9 @@ class Namer:
             recent_set.discard(recent.popleft())
 
     def tracks(self, names: Sequence[str] | None) -> bool:
-        """Whether ``record`` keeps this batch's paths (callers skip rendering them if not)."""
-        return not self.overwrite and self._must_track(names)
-
-    def _must_track(self, names: Sequence[str] | None) -> bool:
-        return names is not None or not self._unique_by_index
+        """Whether ``record`` keeps this batch's paths (callers skip rendering them if not):
+        explicit names, or a template without ``{index}``, unless ``overwrite``."""
+        return not self.overwrite and (names is not None or not self._unique_by_index)
 
     def _render(self, index: int, step: int | None, batch: int, rank: int,
                 fields: Mapping[str, Any]) -> str:

@@ -101,7 +101,9 @@ def _open_new(temp: str) -> int:
         return os.open(temp, flags, 0o666)
 
 
-def _write_temp(temp: str, data: memoryview, fsync: bool) -> None:
+def write_temp(temp: str, data: memoryview, fsync: bool) -> None:
+    """Write ``data`` to ``temp`` (created, or truncated), fsynced if asked; no partial file
+    is left on failure. The bench's plain processes call it too, to do exactly this work."""
     # os.open/os.write: Python's open() adds an fstat, an isatty ioctl and an lseek per file.
     try:
         fd = _open_new(temp)
@@ -165,7 +167,7 @@ def run_job(conn: Connection, buffer: np.ndarray, job: RunJob) -> None:
             if settings.return_bytes:
                 _report(conn, EncodedBytes(job.job_id, i, encoded.tobytes(), sha))
                 continue
-            _write_temp(temp, encoded, settings.fsync)
+            write_temp(temp, encoded, settings.fsync)
             if settings.fsync:  # the pixels may be reused before the slow fsyncs are done
                 _report(conn, Encoded(job.job_id, i))
             try:

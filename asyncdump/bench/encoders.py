@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 
 from .._protocol import FloatRule, ImageSpec
+from .._worker import write_temp
 from .measure import Stopwatch, scratch_folder, smooth_images, summarize_rounds, to_uint8
 
 Log = Callable[[str], None]
@@ -115,8 +116,7 @@ def stage_times(float_images: np.ndarray, folder: Path) -> dict[str, float]:
         steps["encode opencv"].append(time.perf_counter() - began)
         began = time.perf_counter()
         temp, final = folder / f".{i}.tmp", folder / f"{i}.png"
-        with open(temp, "wb") as handle:
-            handle.write(data)
+        write_temp(str(temp), data, fsync=False)  # the worker's own write
         os.replace(temp, final)
         steps["write + rename (fpng file)"].append(time.perf_counter() - began)
         began = time.perf_counter()
@@ -159,8 +159,7 @@ def _plain_sink_work(name: str, start: int, stop: int, folder: str, repeat: int)
             rgb = to_image(np.ascontiguousarray(image).view(np.uint8).reshape(-1), spec, rgb=True)
             data = encode_one(rgb, "fpng")
             temp = os.path.join(folder, f".{r}-{i:06d}.tmp")
-            with open(temp, "wb") as handle:
-                handle.write(data)
+            write_temp(temp, data, fsync=False)  # the worker's own write
             os.replace(temp, os.path.join(folder, f"{r}-{i:06d}.png"))
     return len(images) * repeat
 
