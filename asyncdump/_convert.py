@@ -6,8 +6,12 @@ the cache: (1) the rule's float ops on the plane (a plane is read from the buffe
 (2) the truncating cast into a uint8 plane, (3) one interleave of the uint8 planes, in the
 encoder's order (``cv2.merge``). The rule is torchvision's, exactly: ``x * std + mean``,
 clamp to ``value_range`` and scale to [0, 1], ``* 255 + 0.5``, clamp to [0, 255] with NaN -> 0,
-truncate. The clamps are ``cv2.threshold`` (TOZERO, TRUNC) and an ``isnan`` mask, together
-several times faster than numpy's NaN-aware ``fmax``/``fmin``.
+truncate. NaN -> 0 holds by construction, not by any clamp's NaN semantics: right after the
+arithmetic that can make a NaN (the load and ``x * std + mean``) and before the first clamp,
+NaN is replaced by -inf, which every clamp that follows sends to the bottom of its range
+(``cv2.threshold`` does not keep NaN on every path: its scalar tail turned it into 255 on some
+builds, issue 18). The clamps are ``cv2.threshold`` (TOZERO, TRUNC), several times faster than
+numpy's ``clip``/``fmax``/``fmin``.
 
 Imports numpy and cv2 only (this runs in the workers, which never import torch).
 """
@@ -83,20 +87,29 @@ def _convert_plane(plane: np.ndarray, dtype: str, rule: FloatRule, channel: int,
         np.multiply(plane, np.float32(255.0), out=y)
     elif dtype == "bfloat16":  # bf16 is the top half of a float32
         np.left_shift(plane, 16, out=y.view(np.uint32), dtype=np.uint32)
+    elif dtype == "float64":
+        with np.errstate(over="ignore"):  # beyond float32's range is +-inf, then clamped
+            np.copyto(y, plane, casting="unsafe")
     else:
-        np.copyto(y, plane, casting="unsafe")  # float16/64 -> float32, as the rule computes
+        np.copyto(y, plane, casting="unsafe")  # float16 -> float32, as the rule computes
+    if not plain and std is not None and mean is not None:
+        y *= np.float32(std[channel])
+        y += np.float32(mean[channel])
+    _nan_to_minus_inf(y)
     if not plain:
-        if std is not None and mean is not None:
-            y *= np.float32(std[channel])
-            y += np.float32(mean[channel])
         if (lo, hi) != (0.0, 1.0):  # for (0, 1) the clamp and scale are exact no-ops
             np.clip(y, lo, hi, out=y)
             y -= np.float32(lo)
             y /= np.float32(max(hi - lo, 1e-5))  # in double first, as torchvision computes it
         y *= np.float32(255.0)
     y += np.float32(0.5)
-    cv2.threshold(y, 0.0, 0.0, cv2.THRESH_TOZERO, dst=y)  # negatives -> 0 (NaN stays NaN)
+    cv2.threshold(y, 0.0, 0.0, cv2.THRESH_TOZERO, dst=y)  # -inf and negatives -> 0
     cv2.threshold(y, 255.0, 0.0, cv2.THRESH_TRUNC, dst=y)  # +inf and > 255 -> 255
-    nan = np.isnan(y)  # cheaper than numpy's NaN-aware fmax/fmin over the plane
+
+
+def _nan_to_minus_inf(y: np.ndarray) -> None:
+    """NaN -> -inf in place: every clamp after this sees ordered values only, and -inf ends
+    as 0, the pixel torchvision's rule gives NaN (docs/inputs.md)."""
+    nan = np.isnan(y)
     if nan.any():
-        y[nan] = 0.0
+        y[nan] = -np.inf

@@ -11,6 +11,7 @@ Like ``_staging``, it never imports torch itself before a CUDA tensor has arrive
 
 from __future__ import annotations
 
+import math
 import queue
 import threading
 import warnings
@@ -70,11 +71,12 @@ class DeviceStager:
             if self.conversion.std is not None:
                 std, mean = self._device_affine(x.device, batch.channels)
                 x = x * std + mean
+            # NaN -> -inf before the first clamp: NaN ends as 0 whatever a clamp does with NaN
+            x = torch.nan_to_num(x, nan=-math.inf, posinf=math.inf, neginf=-math.inf)
             lo, hi = self.conversion.value_range
             if (lo, hi) != (0.0, 1.0):
-                x = x.clamp(lo, hi).sub_(lo).div_(max(hi - lo, 1e-5))
-            x = x.mul(255.0).add_(0.5).clamp_(0.0, 255.0)
-            x = torch.nan_to_num_(x, nan=0.0).to(torch.uint8)
+                x = x.clamp_(lo, hi).sub_(lo).div_(max(hi - lo, 1e-5))
+            x = x.mul_(255.0).add_(0.5).clamp_(0.0, 255.0).to(torch.uint8)
         elif x.dtype == torch.bool:
             x = x.to(torch.uint8).mul_(255)
         hwc = x.permute(0, 2, 3, 1)

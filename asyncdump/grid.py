@@ -222,9 +222,10 @@ def _pixels_for_sink(grid: Any) -> Any:
     torch = _torch()
     if grid.dtype == torch.float32 or not grid.is_floating_point():
         return grid
-    # torchvision's ops in the grid's own dtype: the rounding of a half/double product matters
-    out = grid.mul(255).add_(0.5).clamp_(0, 255)
-    return torch.nan_to_num_(out, nan=0.0).to(torch.uint8)
+    # torchvision's ops in the grid's own dtype: the rounding of a half/double product matters.
+    # NaN -> -inf first, so NaN ends as 0 whatever the clamp does with NaN (issue 18).
+    out = torch.nan_to_num(grid, nan=-math.inf, posinf=math.inf, neginf=-math.inf)
+    return out.mul_(255).add_(0.5).clamp_(0, 255).to(torch.uint8)
 
 
 def _prepare_input(tensor: Any, normalize: bool, pad_value: float) -> tuple[Any, float]:

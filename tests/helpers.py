@@ -32,9 +32,11 @@ def torchvision_pixels(
     """Pixels torchvision.utils.save_image writes for one (C, H, W) float32 image.
 
     Exactly its operations: make_grid's norm_ip (clamp_, sub_, div_ by max(hi - lo, 1e-5)),
-    then save_image's mul(255).add_(0.5).clamp_(0, 255) and the uint8 cast. NaN -> 0 (docs/api.md).
+    then save_image's mul(255).add_(0.5).clamp_(0, 255) and the uint8 cast. NaN -> 0 (docs/api.md):
+    set from the input's own NaN mask, so this reference relies on no clamp's NaN semantics.
     """
     y = x.detach().to(torch.float32).clone()
+    nan = torch.isnan(y)
     if mean is not None and std is not None:
         c = y.shape[0]
         y = y * torch.tensor(std, dtype=torch.float32).view(c, 1, 1) + torch.tensor(
@@ -43,7 +45,7 @@ def torchvision_pixels(
     y.clamp_(min=lo, max=hi)
     y.sub_(lo).div_(max(hi - lo, 1e-5))
     y = y.mul(255).add_(0.5).clamp_(0, 255)
-    y = torch.nan_to_num(y, nan=0.0)
+    y[nan] = 0.0
     out = y.permute(1, 2, 0).to(torch.uint8).numpy()
     return out[..., 0] if out.shape[2] == 1 else out
 
