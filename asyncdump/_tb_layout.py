@@ -94,10 +94,7 @@ def host_batch(images: Any, dataformats: Any) -> tuple[Batch | None, Plan]:
     is_tensor = torch is not None and isinstance(images, torch.Tensor)
     if not is_tensor and not isinstance(images, np.ndarray):
         raise TypeError(f"img_tensor must be a torch.Tensor or numpy.ndarray, got {type(images).__name__}")
-    if is_tensor:
-        dtype = _torch_dtype_names(torch).get(images.dtype)
-    else:
-        dtype = images.dtype.name
+    dtype = _torch_dtype_names(torch).get(images.dtype) if is_tensor else images.dtype.name
     if dtype not in ACCEPTED_DTYPES:
         raise TypeError(f"unsupported dtype {images.dtype} for a TensorBoard image; accepted: "
                         f"{', '.join(ACCEPTED_DTYPES)} (floats in [0, 1], uint8 in [0, 255])")
