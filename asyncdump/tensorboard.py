@@ -122,9 +122,9 @@ class ImageWriter:
             future = self._sink.encode(staged)
             if future.cancelled():  # on_full="drop": counted in stats.dropped, no event
                 return
-            with self._done:
-                self._queued += 1
             self._queue.put(_Pending(future, tag, step, stamp, layout.shape))
+            with self._done:  # after the put: a Ctrl-C between them cannot make flush wait forever
+                self._queued += 1
 
     # ------------------------------------------------------------------ the event thread
     def _write_events(self) -> None:
