@@ -119,6 +119,7 @@ def test_add_images_matches_summary_writer(tmp_path: Path) -> None:
 
 @pytest.mark.timeout(300)
 @pytest.mark.filterwarnings("ignore:invalid value encountered in cast")
+@pytest.mark.usefixtures("both_png_encoders")  # fpng and OpenCV give the same pixels
 def test_add_image_matches_summary_writer(tmp_path: Path) -> None:
     calls = []
     seed = 100
