@@ -102,7 +102,8 @@ def _convert_plane(plane: np.ndarray, dtype: str, rule: FloatRule, channel: int,
             y -= np.float32(lo)
             y /= np.float32(max(hi - lo, 1e-5))  # in double first, as torchvision computes it
         y *= np.float32(255.0)
-    y += np.float32(0.5)
+    if not rule.truncate:  # asyncdump.tensorboard's rule truncates, as SummaryWriter does
+        y += np.float32(0.5)
     cv2.threshold(y, 0.0, 0.0, cv2.THRESH_TOZERO, dst=y)  # -inf and negatives -> 0
     cv2.threshold(y, 255.0, 0.0, cv2.THRESH_TRUNC, dst=y)  # +inf and > 255 -> 255
 

@@ -24,6 +24,7 @@ class FloatRule(NamedTuple):
     value_range: tuple[float, float]
     mean: list[float] | None
     std: list[float] | None
+    truncate: bool = False  # TensorBoard's rule: floor(y * 255) instead of rounding half up
 
 
 class ImageSpec(NamedTuple):

@@ -171,12 +171,14 @@ class AsyncImageSink:
                      digest: bool) -> concurrent.futures.Future[Any]:
         self._check_usable()
         self._deliver_failures(raise_now=True)
-        batch = inspect(images, self._codec)
+        batch = images if isinstance(images, Batch) else inspect(images, self._codec)
         if batch.image_bytes > self._buffer.capacity_bytes:
             raise ValueError(f"one image is {batch.image_bytes} bytes, more than max_buffer_bytes="
                              f"{self._buffer.capacity_bytes}; raise max_buffer_bytes")
         encoder = encoder_for(self._png_setting, self._codec, batch.dtype, batch.channels)
         rule = self._conversion.for_channels(batch.channels)  # also validates mean/std length
+        if batch.rule is not None:
+            rule = batch.rule
         if batch.count == 0:
             done: concurrent.futures.Future[list[Path]] = concurrent.futures.Future()
             done.set_result([])

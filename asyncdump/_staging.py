@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import functools
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -94,6 +94,9 @@ class Batch:
     dtype: str  # what the buffer holds: the input dtype, or uint8/uint16 for the GPU path
     layout: str  # "nchw" | "nhwc"
     image_bytes: int
+    # Set by callers that lay the pixels out themselves (asyncdump.tensorboard's grids):
+    fill: Callable[[int, int, np.ndarray], None] | None = None  # (start, stop, destination)
+    rule: FloatRule | None = None  # instead of the sink's float rule
 
     def spec(self, encoder: str, rule: FloatRule | None) -> ImageSpec:
         """The per-image description a worker needs; ``rule`` only where the worker converts."""
@@ -201,6 +204,9 @@ def _host_view(torch: Any, tensor: Any, dtype: str) -> np.ndarray:
 def copy_into_buffer(batch: Batch, start: int, stop: int, destination: np.ndarray) -> None:
     """Copy images ``start:stop`` of a host batch into a uint8 view of the buffer (one memcpy
     when the source is contiguous)."""
+    if batch.fill is not None:
+        batch.fill(start, stop, destination)
+        return
     part = batch.source[start:stop]
     storage = "uint16" if batch.dtype == "bfloat16" else batch.dtype
     # "equiv": a byte-swapped (big-endian) array is converted, never reinterpreted

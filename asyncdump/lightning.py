@@ -9,6 +9,11 @@ of name -> tensor -> each capped at ``max_images`` -> ``asyncdump.save_image`` (
 -> ``dirpath/{name}/{global_step:08d}.png``. The futures are checked at each later log and
 awaited at train end and teardown, so the files are complete when ``trainer.fit`` returns and
 a failed write raises instead of vanishing. Needs ``pip install 'asyncdump[lightning]'``.
+
+``tensorboard=True`` also sends each grid to the trainer's ``TensorBoardLogger`` (its
+``experiment``, a ``SummaryWriter``) through ``asyncdump.tensorboard.ImageWriter``: tag = the
+result's name, step = ``global_step``; ``dirpath=None`` then writes no files. Needs
+``pip install 'asyncdump[lightning,tensorboard]'``.
 """
 
 from __future__ import annotations
@@ -30,7 +35,7 @@ import torch
 
 from ._codecs import get_codec
 from ._errors import AsyncDumpError
-from .grid import _check_grid_args, _resolve_format, save_image
+from .grid import _check_grid_args, _resolve_format, make_grid, save_image
 
 __all__ = ["ImageLogger"]
 
@@ -48,16 +53,19 @@ class ImageLogger(pl.Callback):
         images: ``images(pl_module, batch) -> tensor | dict[str, tensor]``; None calls
             ``pl_module.log_images(batch)`` (the CompVis convention).
         max_images: at most this many images of each tensor go into its grid.
+        tensorboard: also send each grid to the trainer's ``TensorBoardLogger`` (tag: the
+            result's name); with ``dirpath=None``, send it there instead of writing files.
         save_kwargs: ``asyncdump.save_image`` options (``nrow``, ``normalize``,
             ``value_range``, ...); ``format`` also sets the file extension.
     """
 
     def __init__(
         self,
-        dirpath: str | os.PathLike[str],
+        dirpath: str | os.PathLike[str] | None,
         every_n_steps: int = 500,
         images: Callable[[Any, Any], Any] | None = None,
         max_images: int = 8,
+        tensorboard: bool = False,
         **save_kwargs: Any,
     ):
         super().__init__()
@@ -75,7 +83,11 @@ class ImageLogger(pl.Callback):
                          save_kwargs.get("value_range"), save_kwargs.get("pad_value", 0.0))
         fmt = save_kwargs.get("format")
         self.extension = ".png" if fmt is None else get_codec(_resolve_format("x", fmt)[0]).extension
-        self.dirpath = Path(dirpath)
+        if dirpath is None and not tensorboard:
+            raise ValueError("dirpath=None writes no files: it needs tensorboard=True")
+        self.tensorboard = bool(tensorboard)
+        self._tb_writer: Any = None  # asyncdump.tensorboard.ImageWriter, from the first log
+        self.dirpath = Path(dirpath) if dirpath is not None else None
         self.every_n_steps = every_n_steps
         self.images = images
         self.max_images = max_images
@@ -92,18 +104,30 @@ class ImageLogger(pl.Callback):
             return  # not due, or the same optimizer step again (gradient accumulation)
         self._last_step = step
         for key, tensor in self._collect(pl_module, batch).items():
-            path = self.dirpath / key / f"{step:08d}{self.extension}"
             capped = tensor[: self.max_images] if tensor.ndim == 4 else tensor  # else one image
-            self._pending.append(save_image(capped, path, **self.save_kwargs))
+            if self.tensorboard:
+                self._send_to_tensorboard(trainer, key, capped, step)
+            if self.dirpath is not None:
+                path = self.dirpath / key / f"{step:08d}{self.extension}"
+                self._pending.append(save_image(capped, path, **self.save_kwargs))
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if self.tensorboard:
+            _tensorboard_logger(trainer)  # fail before training, not at the first log
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._raise_failures(wait=True)
+        self._close_tensorboard()
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         # After an exception train end never ran: still finish the files, but do not hide the
         # exception that is on its way out with a write error.
         try:
             self._raise_failures(wait=True)
+        except AsyncDumpError as exc:
+            warnings.warn(f"ImageLogger: {exc}", RuntimeWarning, stacklevel=2)
+        try:
+            self._close_tensorboard()
         except AsyncDumpError as exc:
             warnings.warn(f"ImageLogger: {exc}", RuntimeWarning, stacklevel=2)
 
@@ -145,6 +169,35 @@ class ImageLogger(pl.Callback):
             if error is not None:
                 raise AsyncDumpError(f"ImageLogger could not write an image grid: {error}") \
                     from error
+
+
+    def _send_to_tensorboard(self, trainer: pl.Trainer, key: str, tensor: torch.Tensor,
+                             step: int) -> None:
+        """The grid ``save_image`` would write, through ``ImageWriter.add_image`` (which
+        converts with SummaryWriter's own rule, as ``experiment.add_image`` would)."""
+        if self._tb_writer is None:
+            from .tensorboard import ImageWriter
+
+            self._tb_writer = ImageWriter(_tensorboard_logger(trainer).experiment)
+        options = {k: v for k, v in self.save_kwargs.items() if k != "format"}
+        self._tb_writer.add_image(key, make_grid(tensor, **options), global_step=step)
+
+    def _close_tensorboard(self) -> None:
+        """Write every pending TensorBoard image; raise AsyncDumpError for failed ones."""
+        writer, self._tb_writer = self._tb_writer, None
+        if writer is not None:
+            writer.close()
+
+
+def _tensorboard_logger(trainer: pl.Trainer) -> Any:
+    from lightning.pytorch.loggers import TensorBoardLogger
+
+    for logger in trainer.loggers:
+        if isinstance(logger, TensorBoardLogger):
+            return logger
+    raise ValueError("ImageLogger(tensorboard=True) needs a TensorBoardLogger among the trainer's "
+                     "loggers (Trainer(logger=TensorBoardLogger(...)); the default logger is one "
+                     "when tensorboard is installed)")
 
 
 def _describe(value: Any) -> str:

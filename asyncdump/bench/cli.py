@@ -42,8 +42,8 @@ def _parse_scenarios(text: str) -> list[int]:
         chosen = sorted({int(part) for part in text.split(",") if part.strip()})
     except ValueError:
         chosen = []
-    if not chosen or any(n not in range(1, 8) for n in chosen):
-        raise argparse.ArgumentTypeError(f"--scenarios takes numbers 1..7 separated by commas, got {text!r}")
+    if not chosen or any(n not in range(1, 9) for n in chosen):
+        raise argparse.ArgumentTypeError(f"--scenarios takes numbers 1..8 separated by commas, got {text!r}")
     return chosen
 
 
@@ -161,12 +161,12 @@ def register(subparsers: Any) -> None:
     parser = subparsers.add_parser(
         "bench", help="benchmark asyncdump against the usual ways of saving images "
                       "(or, with --root, measure your own storage)",
-        description="Runs the seven scenarios of the asyncdump benchmark (interleaved rounds, "
+        description="Runs the eight scenarios of the asyncdump benchmark (interleaved rounds, "
                     "medians with min–max): a Markdown report on stdout, JSON and a chart under --out.")
     parser.add_argument("--quick", action="store_true",
                         help="fewer steps and rounds (about 2.5 min on 2 cores)")
-    parser.add_argument("--scenarios", type=_parse_scenarios, default=[1, 2, 3, 4, 5, 6, 7],
-                        help="which scenarios, e.g. 1,3 (default: all seven)")
+    parser.add_argument("--scenarios", type=_parse_scenarios, default=[1, 2, 3, 4, 5, 6, 7, 8],
+                        help="which scenarios, e.g. 1,3 (default: all eight)")
     parser.add_argument("--rounds", type=int, help="interleaved rounds (default 5, quick 3)")
     parser.add_argument("--steps", type=int, help="loop steps in scenario 1")
     parser.add_argument("--cpu-steps", type=int, help="loop steps in scenario 2")

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from .._defaults import MIB
+from . import tb_loop
 
 TARGET_OVERHEAD_PCT = 2.0
 TARGET_VS_CV2 = 20.0
@@ -150,6 +151,8 @@ def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
         ratio = s4["sizes"]["12 MB"]["summary"]["ratio"]["median"]
         out.append({"target": f"scenario 4: submit ≤ {TARGET_SUBMIT_RATIO:g}× memcpy for 12 MB",
                     "measured": f"{ratio:.2f}×", "met": ratio <= TARGET_SUBMIT_RATIO})
+    if "scenario8_tensorboard" in results:
+        out += tb_loop.targets(results["scenario8_tensorboard"])
     lost = lost_images(results)
     if results:
         out.append({"target": "zero images lost (except counted drops)",
@@ -180,6 +183,9 @@ def lost_images(results: dict[str, Any]) -> list[str]:
     for mode, c in results.get("scenario5_memory_bound", {}).get("modes", {}).items():
         if not all(r["accounted"] for r in c["rounds"]):
             lost.append(f"scenario5 {mode}: written + dropped != submitted")
+    for name, c in results.get("scenario8_tensorboard", {}).get("contenders", {}).items():
+        if c["written"] != c["expected"]:
+            lost.append(f"scenario8 {name}: {c['written']}/{c['expected']} events")
     return lost  # scenario 3 raises on any shortfall
 
 
@@ -232,7 +238,7 @@ def generate_table(result: dict[str, Any]) -> str:
 TABLES = {"scenario1_gpu_bound": loop_table, "scenario2_cpu_bound": loop_table,
           "scenario3_throughput": throughput_table, "scenario4_submit_cost": submit_table,
           "scenario5_memory_bound": memory_table, "scenario6_encoders": encoders_table,
-          "scenario7_generate": generate_table}
+          "scenario7_generate": generate_table, "scenario8_tensorboard": tb_loop.table}
 
 
 def write_json(document: dict[str, Any], path: Path) -> None:

@@ -9,6 +9,8 @@ median/min/max) for report.py.
     5 memory_bound  a producer far faster than the disk, on_full="block" and "drop"
     6 encoders      fpng vs OpenCV: encode only, drain with 1 and 2 workers, file sizes
     7 generate      ``asyncdump generate`` images/s per encoder, parent CPU per image
+    8 tensorboard   add_images of a 64x3x256x256 float batch per step: SummaryWriter vs
+                    asyncdump.tensorboard.ImageWriter (tb_loop.py)
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ import numpy as np
 
 from .. import _defaults
 from .._defaults import MIB
-from . import contenders, encoders
+from . import contenders, encoders, tb_loop
 from .measure import (
     RssSampler,
     Stopwatch,
@@ -418,4 +420,5 @@ SCENARIOS: dict[int, tuple[str, Callable[[Config, Log], dict[str, Any]]]] = {
     5: ("scenario5_memory_bound", scenario5),
     6: ("scenario6_encoders", encoders.scenario6),
     7: ("scenario7_generate", encoders.scenario7),
+    8: ("scenario8_tensorboard", tb_loop.scenario8),
 }
