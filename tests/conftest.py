@@ -7,6 +7,20 @@ from pathlib import Path
 import pytest
 
 
+def pytest_report_header() -> str:
+    """The versions under test, at the top of every run (a bug report needs nothing else)."""
+    import platform
+    from importlib.metadata import PackageNotFoundError, version
+
+    found = []
+    for name in ("torch", "numpy", "opencv-python-headless", "fpng", "psutil", "tqdm"):
+        try:
+            found.append(f"{name} {version(name)}")
+        except PackageNotFoundError:
+            found.append(f"{name} (not installed)")
+    return f"asyncdump under Python {platform.python_version()}: " + ", ".join(found)
+
+
 @pytest.fixture
 def root(tmp_path: Path) -> Path:
     return tmp_path / "out"
