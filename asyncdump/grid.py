@@ -349,18 +349,21 @@ _SINKS = _Sinks()
 atexit.register(_SINKS.close_all)
 
 
-# The parameters repeat make_grid's on purpose: both copy torchvision's signatures exactly, so
-# that swapping the import is all a user changes (a shared **kwargs would hide them from IDEs).
+# torchvision's signature is save_image(tensor, fp, format=None, **kwargs), the kwargs going to
+# make_grid. The grid options are spelled out here as keyword-only parameters with make_grid's
+# defaults: the same calls are valid (format third, options by keyword only), an unknown option
+# is a TypeError as there, and IDEs can show them.
 def save_image(
     tensor: Any,
     fp: str | os.PathLike[str],
+    format: str | None = None,
+    *,
     nrow: int = 8,
     padding: int = 2,
     normalize: bool = False,
     value_range: tuple[float, float] | None = None,
     scale_each: bool = False,
     pad_value: float = 0.0,
-    format: str | None = None,
 ) -> concurrent.futures.Future[list[Path]]:
     """``torchvision.utils.save_image``, asynchronous: same arguments, same pixels, same grid.
 

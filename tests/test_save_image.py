@@ -230,6 +230,21 @@ def test_format_from_extension_or_argument(tmp_path: Path) -> None:
     assert Image.open(tmp_path / "e.dat").format == "PNG"
 
 
+def test_format_is_the_third_positional_argument_as_in_torchvision(tmp_path: Path) -> None:
+    """torchvision's ``save_image(tensor, fp, format=None, **kwargs)``: valid torchvision code
+    runs unchanged; the grid options are keyword-only there too (they go to make_grid)."""
+    x = torch.rand(5, 3, 8, 8, generator=torch.Generator().manual_seed(3))
+    asyncdump.save_image(x, tmp_path / "y.png", "PNG").result(timeout=30)
+    asyncdump.save_image(x, tmp_path / "y.dat", "png", nrow=2, normalize=True).result(timeout=30)
+    np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "y.png")), golden(x))
+    assert Image.open(tmp_path / "y.dat").format == "PNG"
+    np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "y.dat")),
+                                  golden(x, nrow=2, normalize=True))
+    with pytest.raises(TypeError):
+        asyncdump.save_image(x, tmp_path / "z.png", None, 4)  # type: ignore[misc]
+    assert not (tmp_path / "z.png").exists()
+
+
 @pytest.mark.parametrize("args,kwargs,error,match", [
     ((X, "x.gif"), {}, ValueError, r"extensions .*\.png.* or pass format="),
     ((X, "noext"), {}, ValueError, "cannot tell the image format"),
