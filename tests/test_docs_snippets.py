@@ -156,7 +156,7 @@ class Model(L.LightningModule):
 model = Model()
 loader = DataLoader(TensorDataset(torch.rand(8, 3, 16, 16)), batch_size=2)
 """
-SMALL_GENERATE = (("--count 1000000", "--count 240 --shard-size 60"),
+SMALL_GENERATE = (("--count 1000000", "--count 120 --shard-size 30"),
                   ("torchrun --nproc_per_node=4", "{torchrun} --nproc_per_node=2"))
 
 RUN: dict[tuple[str, str], Run] = {
@@ -192,7 +192,7 @@ RUN: dict[tuple[str, str], Run] = {
         Run(shrink=(("--count 100000", "--count 20"),), check=manifest_lines("data", 20)),
     ("docs/integrations.md", "cd examples"): Run(
         setup=copy_examples,
-        shrink=(("--count 2000", "--count 120"), ("--shard-size 500", "--shard-size 40"),
+        shrink=(("--count 2000", "--count 80"), ("--shard-size 500", "--shard-size 40"),
                 ("torchrun --nproc_per_node 2", "{torchrun} --nproc_per_node 2")),
         check=same_files("examples/conv_data", "examples/conv_data_2ranks", "*.tar")),
     ("docs/integrations.md", "import glob, webdataset as wds"): Run(
