@@ -3,17 +3,23 @@
     from asyncdump import save_image          # was: from torchvision.utils import save_image
     save_image(fake, f"samples/{step}.png", nrow=8, normalize=True, value_range=(-1, 1))
 
-    caller's thread                       make_grid with torchvision's algorithm, on the tensor's
-                                          device, in its dtype (torch ops: a few copies, no sync)
-      -> float32 grid: handed on as is    the sink's rule with value_range (0, 1) *is*
-                                          torchvision's mul(255).add_(0.5).clamp_(0, 255)
-      -> float16/bfloat16/float64 grid:   torchvision's three ops in that dtype, then uint8
-      -> internal AsyncImageSink          one per (folder of fp, format, suffix), created on first
-                                          use, one worker each (so repeated saves to one path land
-                                          in call order), overwrite=True; at most
-                                          ``MAX_OPEN_SINKS`` open, the least recently used one is
-                                          closed in the background
-    flush()                               waits for every internal sink; also run at exit
+    caller's thread, float32/uint8      checks, then stages the batch as it is: CPU, one copy into
+    on CPU or CUDA (the common case)    the shared buffer; CUDA, torchvision's normalisation and
+                                        rounding on the GPU (min/max stay device tensors, no sync)
+                                        and an asynchronous copy of the uint8 batch
+      -> worker process (_tile)         converts each image by the rule (CPU input: with the
+                                        batch's or each image's min/max for normalize=True
+                                        without value_range) and tiles the grid as make_grid
+                                        does, padding included; then encodes and writes
+    caller's thread, other dtypes       make_grid with torchvision's algorithm on the tensor's
+    (float16/bfloat16/float64, uint16)  device, in its dtype (torchvision rounds in that dtype),
+                                        and the grid is handed on as one image
+      -> internal AsyncImageSink        one per (folder of fp, format, suffix), created on first
+                                        use, one worker each (so repeated saves to one path land
+                                        in call order), overwrite=True; at most
+                                        ``MAX_OPEN_SINKS`` open, the least recently used one is
+                                        closed in the background
+    flush()                             waits for every internal sink; also run at exit
 
 Writing to the user's exact path keeps the sink's path rules meaningful: the root is the
 folder of ``fp`` and the name is a single file name inside it, so nothing can resolve
