@@ -21,10 +21,24 @@ def usable_cores() -> int:
         return max(1, os.cpu_count() or 1)
 
 
-def default_workers(ranks_on_this_machine: int = 1) -> int:
+def local_ranks() -> int:
+    """Processes of this job sharing this machine's cores: ``LOCAL_WORLD_SIZE`` (torchrun sets
+    it), else ``WORLD_SIZE`` (a plain launch, taken to be on one machine), else 1."""
+    for name in ("LOCAL_WORLD_SIZE", "WORLD_SIZE"):
+        try:
+            value = int(os.environ.get(name, ""))
+        except ValueError:
+            continue
+        if value >= 1:
+            return value
+    return 1
+
+
+def default_workers(ranks_on_this_machine: int | None = None) -> int:
     """One core stays with each training loop: the rank's share of the usable cores - 1,
-    at least 1 and at most MAX_DEFAULT_WORKERS."""
-    per_rank = usable_cores() // max(1, ranks_on_this_machine)
+    at least 1 and at most MAX_DEFAULT_WORKERS. None: ``local_ranks()``."""
+    ranks = local_ranks() if ranks_on_this_machine is None else ranks_on_this_machine
+    per_rank = usable_cores() // max(1, ranks)
     return max(1, min(per_rank - 1, MAX_DEFAULT_WORKERS))
 
 

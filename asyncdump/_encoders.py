@@ -73,4 +73,4 @@ def active_encoder() -> str:
         import fpng
 
         return f"fpng {getattr(fpng, '__version__', '?')} (8-bit RGB/RGBA PNG; OpenCV for the rest)"
-    return f"OpenCV (fpng unavailable: {problem}; {INSTALL_HINT} for ~5x faster PNG)"
+    return f"OpenCV (fpng unavailable: {problem}; {INSTALL_HINT} for faster PNG)"

@@ -27,6 +27,21 @@ class FloatRule(NamedTuple):
     truncate: bool = False  # TensorBoard's rule: floor(y * 255) instead of rounding half up
 
 
+class GridSpec(NamedTuple):
+    """``save_image``'s grid, tiled by the worker from a staged B x C x H x W batch (``_tile``)."""
+
+    images: int
+    channels: int
+    height: int
+    width: int
+    dtype: str  # "float32" (converted by the rule) | "uint8" (as is)
+    nrow: int
+    padding: int
+    pad_pixel: int  # the padding's 8-bit value, as torchvision computes it from pad_value
+    value_range: tuple[float, float] | None  # None: the images' own min/max (normalize=True)
+    scale_each: bool  # with value_range None: min/max per image, not per batch
+
+
 class ImageSpec(NamedTuple):
     """What a worker needs to read one staged image and pick its encoder."""
 
@@ -38,6 +53,7 @@ class ImageSpec(NamedTuple):
     converted: bool  # staged on the GPU: already in the encoder's layout and channel order
     encoder: str = "opencv"  # "fpng" (RGB order) | "opencv" (BGR order)
     rule: FloatRule | None = None  # for float input converted by the worker
+    grid: GridSpec | None = None  # save_image: the staged "image" is a batch to tile
 
 
 class JobSettings(NamedTuple):

@@ -42,7 +42,7 @@ from ._errors import AsyncDumpError, BufferFullError, describe_failures
 from ._handover import HandOver
 from ._jobs import BatchRecord, NotStaged, StagedPart
 from ._naming import Namer
-from ._protocol import JobSettings
+from ._protocol import GridSpec, JobSettings
 from ._signals import deferred_sigint
 from ._staging import Batch, Conversion, copy_into_buffer, inspect
 from ._stats import SinkStats
@@ -157,25 +157,33 @@ class AsyncImageSink:
         (None for one a replacement of a dead worker finished) or ``(bytes, sha256)``."""
         return self._submit(images, None, names, {}, encode_only=names is None, digest=True)
 
+    def _submit_grid(self, batch: Any, name: str, grid: GridSpec) -> concurrent.futures.Future[Any]:
+        """For save_image: ``batch`` is the whole B x C x H x W batch viewed as one gray image
+        ``(B*C*H, W)``; one worker tiles it into one file (``_tile``)."""
+        with self._submit_lock:
+            return self._submit(batch, None, [name], {}, grid=grid)
+
     def _submit(self, images: Any, step: int | None, names: Sequence[str] | None,
                 fields: dict[str, Any], encode_only: bool = False,
-                digest: bool = False) -> concurrent.futures.Future[Any]:
+                digest: bool = False, grid: GridSpec | None = None) -> concurrent.futures.Future[Any]:
         began = time.perf_counter()
         try:
-            return self._stage_batch(images, step, names, fields, encode_only, digest)
+            return self._stage_batch(images, step, names, fields, encode_only, digest, grid)
         finally:  # stats.submit_seconds
             self._accounting.counters.submit_seconds += time.perf_counter() - began
 
     def _stage_batch(self, images: Any, step: int | None, names: Sequence[str] | None,
-                     fields: dict[str, Any], encode_only: bool,
-                     digest: bool) -> concurrent.futures.Future[Any]:
+                     fields: dict[str, Any], encode_only: bool, digest: bool,
+                     grid: GridSpec | None = None) -> concurrent.futures.Future[Any]:
         self._check_usable()
         self._deliver_failures(raise_now=True)
         batch = images if isinstance(images, Batch) else inspect(images, self._codec)
         if batch.image_bytes > self._buffer.capacity_bytes:
             raise ValueError(f"one image is {batch.image_bytes} bytes, more than max_buffer_bytes="
                              f"{self._buffer.capacity_bytes}; raise max_buffer_bytes")
-        encoder = encoder_for(self._png_setting, self._codec, batch.dtype, batch.channels)
+        encoder = encoder_for(self._png_setting, self._codec, batch.dtype, batch.channels) \
+            if grid is None else encoder_for(self._png_setting, self._codec, "uint8",
+                                             3 if grid.channels == 1 else grid.channels)
         rule = self._conversion.for_channels(batch.channels)  # also validates mean/std length
         if batch.rule is not None:
             rule = batch.rule
@@ -192,7 +200,9 @@ class AsyncImageSink:
             if paths is None:
                 paths = self._namer.paths(batch.count, start_index=self._next_index, step=step,
                                           names=names, fields=fields)
-        settings = JobSettings(batch.spec(encoder, rule), batch.image_bytes, self._codec.extension,
+        spec = batch.spec(encoder, rule) if grid is None else \
+            batch.spec(encoder, None)._replace(grid=grid, rule=None)
+        settings = JobSettings(spec, batch.image_bytes, self._codec.extension,
                                self._params, self.fsync, encode_only, digest)
         record = BatchRecord(paths, batch.count, encode_only, digest)
         per_part = max(1, min(batch.count, self._buffer.capacity_bytes // batch.image_bytes,

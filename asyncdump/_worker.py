@@ -38,6 +38,7 @@ from asyncdump._protocol import (
     Stop,
     Written,
 )
+from asyncdump._tile import grid_image
 
 __all__ = ["main", "run_job", "to_opencv_image"]
 
@@ -161,7 +162,9 @@ def run_job(conn: Connection, buffer: np.ndarray, job: RunJob) -> None:
     rgb = settings.spec.encoder == "fpng"
     for i, final, temp, offset in job.items:
         try:
-            img = to_image(buffer[offset: offset + nbytes], settings.spec, rgb=rgb)
+            raw = buffer[offset: offset + nbytes]
+            grid = settings.spec.grid
+            img = to_image(raw, settings.spec, rgb=rgb) if grid is None else grid_image(raw, grid, rgb)
             encoded = memoryview(_encode(img, settings, params)).cast("B")
             sha = hashlib.sha256(encoded).hexdigest() if settings.sha256 else None
             if settings.return_bytes:

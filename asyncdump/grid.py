@@ -3,17 +3,23 @@
     from asyncdump import save_image          # was: from torchvision.utils import save_image
     save_image(fake, f"samples/{step}.png", nrow=8, normalize=True, value_range=(-1, 1))
 
-    caller's thread                       make_grid with torchvision's algorithm, on the tensor's
-                                          device, in its dtype (torch ops: a few copies, no sync)
-      -> float32 grid: handed on as is    the sink's rule with value_range (0, 1) *is*
-                                          torchvision's mul(255).add_(0.5).clamp_(0, 255)
-      -> float16/bfloat16/float64 grid:   torchvision's three ops in that dtype, then uint8
-      -> internal AsyncImageSink          one per (folder of fp, format, suffix), created on first
-                                          use, one worker each (so repeated saves to one path land
-                                          in call order), overwrite=True; at most
-                                          ``MAX_OPEN_SINKS`` open, the least recently used one is
-                                          closed in the background
-    flush()                               waits for every internal sink; also run at exit
+    caller's thread, float32/uint8      checks, then stages the batch as it is: CPU, one copy into
+    on CPU or CUDA (the common case)    the shared buffer; CUDA, torchvision's normalisation and
+                                        rounding on the GPU (min/max stay device tensors, no sync)
+                                        and an asynchronous copy of the uint8 batch
+      -> worker process (_tile)         converts each image by the rule (CPU input: with the
+                                        batch's or each image's min/max for normalize=True
+                                        without value_range) and tiles the grid as make_grid
+                                        does, padding included; then encodes and writes
+    caller's thread, other dtypes       make_grid with torchvision's algorithm on the tensor's
+    (float16/bfloat16/float64, uint16)  device, in its dtype (torchvision rounds in that dtype),
+                                        and the grid is handed on as one image
+      -> internal AsyncImageSink        one per (folder of fp, format, suffix), created on first
+                                        use, one worker each (so repeated saves to one path land
+                                        in call order), overwrite=True; at most
+                                        ``MAX_OPEN_SINKS`` open, the least recently used one is
+                                        closed in the background
+    flush()                             waits for every internal sink; also run at exit
 
 Writing to the user's exact path keeps the sink's path rules meaningful: the root is the
 folder of ``fp`` and the name is a single file name inside it, so nothing can resolve
@@ -37,6 +43,7 @@ import numpy as np
 
 from ._codecs import CODECS
 from ._errors import AsyncDumpError
+from ._protocol import GridSpec
 from ._sink import AsyncImageSink
 from ._staging import ACCEPTED, TORCH_DTYPES, inspect
 
@@ -243,6 +250,66 @@ def _prepare_input(tensor: Any, normalize: bool, pad_value: float) -> tuple[Any,
     return t, pad_value
 
 
+def _stage_for_workers(t: Any, nrow: int, padding: int, normalize: bool,
+                       value_range: tuple[float, float] | None, scale_each: bool, pad: float,
+                       key: str) -> tuple[Any, GridSpec] | None:
+    """The batch as the workers tile it, and its GridSpec; None where the caller builds the
+    grid (float16/bfloat16/float64, whose rounding torchvision does in their own dtype; uint16;
+    devices other than CPU and CUDA).
+
+    CPU: the batch as it is (one copy into the buffer in ``submit``); the worker converts,
+    normalises (its own min/max when no ``value_range``) and tiles. CUDA: converted to uint8
+    here, on the GPU, with min/max as device tensors (no synchronisation), as the sink's own
+    CUDA path converts; the worker tiles.
+    """
+    torch = _torch()
+    if t.dtype not in (torch.float32, torch.uint8) or t.device.type not in ("cpu", "cuda"):
+        return None
+    if t.dim() == 2:
+        t = t.unsqueeze(0)
+    if t.dim() == 3:
+        t = t.unsqueeze(0)
+    if t.dim() != 4:
+        raise ValueError(f"save_image/make_grid take (B, C, H, W), (C, H, W), (H, W) or a list "
+                         f"of (C, H, W) tensors; got shape {tuple(t.shape)}")
+    if t.size(0) == 0:
+        raise ValueError("save_image got an empty batch (B = 0): there is nothing to save")
+    inspect(t, CODECS[key])  # shape/format errors now, before any sink is started
+    b, c, h, w = (int(n) for n in t.shape)
+    if t.dtype == torch.uint8:
+        pad_pixel, dtype, rule_range = int(pad), "uint8", None
+    else:
+        pad_pixel = _pad_pixel(pad)
+        if t.device.type == "cuda":
+            t = _to_uint8_on_device(t, normalize, value_range, scale_each)
+            dtype, rule_range = "uint8", None
+        else:
+            dtype = "float32"
+            rule_range = (0.0, 1.0) if not normalize else None if value_range is None else (
+                float(value_range[0]), float(value_range[1]))
+    spec = GridSpec(b, c, h, w, dtype, nrow, padding, pad_pixel, rule_range,
+                    normalize and scale_each)
+    return t.reshape(1, 1, b * c * h, w), spec
+
+
+def _pad_pixel(pad_value: float) -> int:
+    """The padding's byte: torchvision's mul(255).add_(0.5).clamp_(0, 255) in float32, cast."""
+    value = np.float32(pad_value) * np.float32(255) + np.float32(0.5)
+    return 0 if np.isnan(value) else int(min(max(value, 0.0), 255.0))
+
+
+def _to_uint8_on_device(t: Any, normalize: bool, value_range: tuple[float, float] | None,
+                        scale_each: bool) -> Any:
+    """torchvision's normalisation and rounding on the GPU: nothing waits for it here."""
+    torch = _torch()
+    with torch.no_grad():
+        if normalize:
+            t = t.clone()
+            _normalize_(t, value_range, scale_each)
+        out = t.mul(255).add_(0.5).clamp_(0, 255)
+        return torch.nan_to_num_(out, nan=0.0).to(torch.uint8)
+
+
 class _Sinks:
     """The process-wide internal sinks, keyed by (folder, codec key, suffix)."""
 
@@ -350,18 +417,21 @@ _SINKS = _Sinks()
 atexit.register(_SINKS.close_all)
 
 
-# The parameters repeat make_grid's on purpose: both copy torchvision's signatures exactly, so
-# that swapping the import is all a user changes (a shared **kwargs would hide them from IDEs).
+# torchvision's signature is save_image(tensor, fp, format=None, **kwargs), the kwargs going to
+# make_grid. The grid options are spelled out here as keyword-only parameters with make_grid's
+# defaults: the same calls are valid (format third, options by keyword only), an unknown option
+# is a TypeError as there, and IDEs can show them.
 def save_image(
     tensor: Any,
     fp: str | os.PathLike[str],
+    format: str | None = None,
+    *,
     nrow: int = 8,
     padding: int = 2,
     normalize: bool = False,
     value_range: tuple[float, float] | None = None,
     scale_each: bool = False,
     pad_value: float = 0.0,
-    format: str | None = None,
 ) -> concurrent.futures.Future[list[Path]]:
     """``torchvision.utils.save_image``, asynchronous: same arguments, same pixels, same grid.
 
@@ -373,14 +443,22 @@ def save_image(
     key, suffix = _resolve_format(path, format)
     _check_grid_args(nrow, padding, value_range, pad_value)
     prepared, pad = _prepare_input(tensor, normalize, pad_value)
+    folder, name = os.path.split(path)
+    stem = name[: len(name) - len(suffix)] if suffix else name
+    staged = _stage_for_workers(prepared, nrow, padding, normalize, value_range, scale_each, pad,
+                                key)
+    if staged is not None:  # float32 and uint8 on CPU/CUDA: the workers build the grid
+        batch, spec = staged
+        with _SINKS.lock:
+            _SINKS.check_process()
+            sink = _SINKS.sink_for(folder, key, suffix, batch.numel() * batch.element_size())
+            return sink._submit_grid(batch, stem, spec)
     grid = make_grid(prepared, nrow=nrow, padding=padding, normalize=normalize,
                      value_range=value_range, scale_each=scale_each, pad_value=pad)
     pixels = _pixels_for_sink(grid)
     if pixels.device.type not in ("cpu", "cuda"):
         pixels = pixels.cpu()  # other accelerators: a synchronous copy, as torchvision does
     inspect(pixels, CODECS[key])  # shape/format errors now, before any sink is started
-    folder, name = os.path.split(path)
-    stem = name[: len(name) - len(suffix)] if suffix else name
     nbytes = pixels.numel() * pixels.element_size()
     with _SINKS.lock:
         _SINKS.check_process()

@@ -100,8 +100,11 @@ class ImageLogger(pl.Callback):
                            batch: Any, batch_idx: int) -> None:
         self._raise_failures(wait=False)
         step = trainer.global_step
-        if step % self.every_n_steps or step == self._last_step or not trainer.is_global_zero:
-            return  # not due, or the same optimizer step again (gradient accumulation)
+        if step == 0 or step % self.every_n_steps or step == self._last_step \
+                or not trainer.is_global_zero:
+            # no optimizer step yet (the first batches under gradient accumulation), not due,
+            # or the same optimizer step again (gradient accumulation)
+            return
         self._last_step = step
         for key, tensor in self._collect(pl_module, batch).items():
             capped = tensor[: self.max_images] if tensor.ndim == 4 else tensor  # else one image

@@ -35,10 +35,18 @@ def test_import_does_not_import_torch_or_cv2() -> None:
     assert out.stdout.split() == ["False", "False"]
 
 
-def test_save_image_has_torchvisions_signature_plus_format() -> None:
+def test_save_image_has_torchvisions_signature() -> None:
+    """torchvision: ``save_image(tensor, fp, format=None, **kwargs)``, the kwargs being
+    ``make_grid``'s options; here they are spelled out, keyword-only, with its defaults."""
     import inspect
 
     params = inspect.signature(asyncdump.save_image).parameters
-    assert list(params) == ["tensor", "fp", "nrow", "padding", "normalize", "value_range",
-                            "scale_each", "pad_value", "format"]
-    assert [params[p].default for p in list(params)[2:]] == [8, 2, False, None, False, 0.0, None]
+    assert list(params)[:3] == ["tensor", "fp", "format"]
+    assert all(params[p].kind is inspect.Parameter.POSITIONAL_OR_KEYWORD for p in list(params)[:3])
+    assert params["format"].default is None
+    grid_options = {p: params[p].default for p in list(params)[3:]}
+    assert all(params[p].kind is inspect.Parameter.KEYWORD_ONLY for p in grid_options)
+    assert grid_options == {"nrow": 8, "padding": 2, "normalize": False, "value_range": None,
+                            "scale_each": False, "pad_value": 0.0}  # make_grid's defaults
+    make_grid = inspect.signature(asyncdump.grid.make_grid).parameters
+    assert {p: make_grid[p].default for p in list(make_grid)[1:]} == grid_options

@@ -56,10 +56,10 @@ def loader() -> DataLoader:
     return DataLoader(TensorDataset(images), batch_size=BATCH)
 
 
-def fit(module: L.LightningModule, callbacks: list[Any], steps: int = 6) -> None:
+def fit(module: L.LightningModule, callbacks: list[Any], steps: int = 6, **trainer_args: Any) -> None:
     trainer = L.Trainer(max_steps=steps, accelerator="cpu", devices=1, logger=False,
                         enable_checkpointing=False, enable_progress_bar=False,
-                        enable_model_summary=False, callbacks=callbacks)
+                        enable_model_summary=False, callbacks=callbacks, **trainer_args)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # lightning's advice on num_workers and the like
         trainer.fit(module, loader())
@@ -102,6 +102,21 @@ def test_grids_written_every_n_steps_with_the_right_pixels(tmp_path: Path) -> No
                                   torchvision_pixels(batches[1][0][0]))  # one image: no padding
 
 
+def test_gradient_accumulation_logs_once_per_optimizer_step_and_never_before_one(
+        tmp_path: Path) -> None:
+    """With 2 batches per optimizer step, global_step is 0 for the first batch (no step yet),
+    and each later value is seen by two batches: one grid per due optimizer step, none at 0."""
+    module = Tiny()
+    fit(module, [ImageLogger(tmp_path, every_n_steps=2, max_images=2)], steps=4,
+        accumulate_grad_batches=2)
+    assert sorted(p.name for p in (tmp_path / "inputs").glob("*.png")) == [
+        "00000002.png", "00000004.png"]
+    assert len(module.logged) == 2
+    batches = list(loader())
+    np.testing.assert_array_equal(read_rgb(tmp_path / "inputs" / "00000002.png"),
+                                  grid(batches[3][0][:2]))  # batch 3 ends optimizer step 2
+
+
 def test_a_failed_write_is_an_error_not_silence(tmp_path: Path) -> None:
     class Sabotage(Tiny):
         """At the second log, a file takes the place of the ``inputs`` folder: the worker's
@@ -124,7 +139,7 @@ def test_a_failed_write_is_an_error_not_silence(tmp_path: Path) -> None:
 def test_bad_arguments_and_results_are_clear_errors(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="every_n_steps must be an int >= 1, got 0"):
         ImageLogger(tmp_path, every_n_steps=0)
-    with pytest.raises(TypeError, match=r"unknown save_image option.*nrows.*accepted: nrow"):
+    with pytest.raises(TypeError, match=r"unknown save_image option.*nrows.*accepted: format, nrow"):
         ImageLogger(tmp_path, nrows=4)
     with pytest.raises(ValueError, match="format"):
         ImageLogger(tmp_path, format="gif")

@@ -230,6 +230,21 @@ def test_format_from_extension_or_argument(tmp_path: Path) -> None:
     assert Image.open(tmp_path / "e.dat").format == "PNG"
 
 
+def test_format_is_the_third_positional_argument_as_in_torchvision(tmp_path: Path) -> None:
+    """torchvision's ``save_image(tensor, fp, format=None, **kwargs)``: valid torchvision code
+    runs unchanged; the grid options are keyword-only there too (they go to make_grid)."""
+    x = torch.rand(5, 3, 8, 8, generator=torch.Generator().manual_seed(3))
+    asyncdump.save_image(x, tmp_path / "y.png", "PNG").result(timeout=30)
+    asyncdump.save_image(x, tmp_path / "y.dat", "png", nrow=2, normalize=True).result(timeout=30)
+    np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "y.png")), golden(x))
+    assert Image.open(tmp_path / "y.dat").format == "PNG"
+    np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "y.dat")),
+                                  golden(x, nrow=2, normalize=True))
+    with pytest.raises(TypeError):
+        asyncdump.save_image(x, tmp_path / "z.png", None, 4)  # type: ignore[misc]
+    assert not (tmp_path / "z.png").exists()
+
+
 @pytest.mark.parametrize("args,kwargs,error,match", [
     ((X, "x.gif"), {}, ValueError, r"extensions .*\.png.* or pass format="),
     ((X, "noext"), {}, ValueError, "cannot tell the image format"),
@@ -318,3 +333,21 @@ def test_cuda_grid_within_one_of_golden(tmp_path: Path, kwargs: dict[str, Any]) 
     asyncdump.save_image(x, path, **kwargs).result(timeout=30)
     diff = np.abs(np.asarray(Image.open(path)).astype(int) - golden(X, **kwargs).astype(int))
     assert diff.max() <= 1
+
+
+def test_float32_and_uint8_grids_are_tiled_by_the_worker(tmp_path: Path,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """The caller stages the batch as it is: make_grid never runs in save_image's call for
+    float32/uint8 CPU tensors (the pixels are still the golden grid's)."""
+    def no_grid(*args: Any, **kwargs: Any) -> None:
+        raise AssertionError("make_grid ran in the caller")
+
+    monkeypatch.setattr(grid, "make_grid", no_grid)
+    x = torch.randn(7, 3, 5, 6, generator=torch.Generator().manual_seed(8))
+    cases = [({"nrow": 3, "normalize": True}, x), ({"normalize": True, "scale_each": True}, x),
+             ({"padding": 1, "pad_value": 0.5}, x.clamp(0, 1)), ({"nrow": 4}, (x.abs() * 40).to(torch.uint8))]
+    for k, (kwargs, tensor) in enumerate(cases):
+        asyncdump.save_image(tensor, tmp_path / f"{k}.png", **kwargs).result(timeout=30)
+        expected = golden(tensor, **kwargs) if tensor.dtype != torch.uint8 else \
+            golden(tensor.float() / 255, **kwargs)
+        np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / f"{k}.png")), expected)

@@ -195,7 +195,7 @@ def register(subparsers: Any) -> None:
                              "missing indices only")
     parser.add_argument("--size", type=int, default=None,
                         help="built-in generator: image side in pixels (default 64)")
-    parser.add_argument("--format", default="png", help="png, jpg, webp, bmp, tiff (default png)")
+    parser.add_argument("--format", default="png", help="png, jpg, jpeg, webp, bmp, tiff (default png)")
     parser.add_argument("--quality", type=int, default=None,
                         help="jpg/webp quality 1..100, png compression 0..9")
     parser.add_argument("--png-encoder", choices=PNG_ENCODERS, default="auto",
