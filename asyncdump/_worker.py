@@ -151,6 +151,24 @@ def _fpng() -> Any:
     return _fpng_module
 
 
+_stores_open: dict[Any, Any] = {}
+
+
+def _store(spec: Any) -> Any:
+    """The worker's client for a store (``_stores.StoreSpec``), opened once per spec."""
+    key = (spec.url, repr(sorted(spec.storage_options.items())), spec.retry_seconds)
+    store = _stores_open.get(key)
+    if store is None:
+        from asyncdump._stores import open_store  # fsspec loads only in workers that upload
+
+        store = _stores_open[key] = open_store(spec)
+    return store
+
+
+def _as_bytes(encoded: memoryview) -> bytes:
+    return encoded.obj if isinstance(encoded.obj, bytes) else encoded.tobytes()
+
+
 def run_job(conn: Connection, buffer: np.ndarray, job: RunJob) -> None:
     """Encode and write every image of one job, reporting each step home."""
     settings = job.settings
@@ -166,6 +184,10 @@ def run_job(conn: Connection, buffer: np.ndarray, job: RunJob) -> None:
             sha = hashlib.sha256(encoded).hexdigest() if settings.sha256 else None
             if settings.return_bytes:
                 _report(conn, EncodedBytes(job.job_id, i, encoded.tobytes(), sha))
+                continue
+            if settings.store is not None:  # an object store: one PUT, acknowledged
+                _store(settings.store).put(final, _as_bytes(encoded), settings.store.overwrite)
+                _report(conn, Written(job.job_id, i, encoded.nbytes, sha))
                 continue
             write_temp(temp, encoded, settings.fsync)
             if settings.fsync:  # the pixels may be reused before the slow fsyncs are done
