@@ -14,6 +14,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
+import pytest
+
 DUMMY_ENV = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
              "AWS_DEFAULT_REGION": "us-east-1", "AWS_SESSION_TOKEN": "testing"}
 
@@ -78,3 +80,14 @@ def s3_environment(endpoint: str) -> Iterator[None]:
                 os.environ.pop(key, None)
             else:
                 os.environ[key] = value
+
+
+@pytest.fixture(scope="module", name="s3")
+def s3_fixture() -> Iterator[S3Server]:
+    """A moto server for the module, with dummy credentials and its endpoint in the env."""
+    server = S3Server()
+    try:
+        with s3_environment(server.endpoint):
+            yield server
+    finally:
+        server.stop()

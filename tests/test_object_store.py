@@ -6,7 +6,6 @@ A ``scheme://`` root must reach its store or fail clearly, never become a local 
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
 from pathlib import Path
 
 import cv2
@@ -17,23 +16,13 @@ import torch
 pytest.importorskip("s3fs", reason="the s3 extra (s3fs) is not installed")
 pytest.importorskip("moto.server", reason="moto[server] is not installed")
 
-from s3_server import S3Server, s3_environment
+from s3_server import S3Server, s3_fixture  # noqa: F401 (the s3 fixture)
 
 import asyncdump
 from asyncdump import AsyncDumpError, AsyncImageSink, DatasetSink
 from asyncdump._stores import StoreError
 
 pytestmark = pytest.mark.timeout(120)
-
-
-@pytest.fixture(scope="module")
-def s3() -> Iterator[S3Server]:
-    server = S3Server()
-    try:
-        with s3_environment(server.endpoint):
-            yield server
-    finally:
-        server.stop()
 
 
 @pytest.fixture(autouse=True)
