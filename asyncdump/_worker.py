@@ -5,6 +5,8 @@ Started by the pool as ``python -m asyncdump._worker SOCKET_FD BUFFER_FD BUFFER_
 Imports numpy and cv2 (and fpng on first use), never torch (a test checks ``sys.modules``).
 It speaks the records of ``_protocol``: runs each ``RunJob`` in order and reports every image.
 The spec's encoder picks fpng (8-bit RGB/RGBA PNG, RGB order) or OpenCV (BGR order).
+A job whose settings name a store (``_stores.StoreSpec``) PUTs each file there instead of
+writing a local file; fsspec and its plugin are then imported, still never torch.
 """
 
 from __future__ import annotations
