@@ -94,6 +94,9 @@ def test_overwrite_false_refuses_an_existing_key(s3: S3Server) -> None:
     assert s3.get(bucket, "p/00000001.png") == b"precious"
     assert s3.keys(bucket) == ["p/00000000.png", "p/00000001.png", "p/00000002.png"]
     assert sink.stats.written == 2 and sink.stats.failed == 1
+    # The same bytes at the key (a lost answer's retry, a replacement worker): written.
+    with AsyncImageSink(f"s3://{bucket}/p", workers=1) as sink:
+        sink.submit(np.full((1, 8, 8), 7, np.uint8), names=["00000000"]).result(60)
     with AsyncImageSink(f"s3://{bucket}/p", workers=1, overwrite=True) as sink:
         sink.submit(np.full((1, 8, 8), 7, np.uint8), names=["00000001"]).result(60)
     assert s3.get(bucket, "p/00000001.png") != b"precious"

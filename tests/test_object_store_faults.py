@@ -161,3 +161,31 @@ def test_permanent_errors_are_not_retried_and_transient_ones_are() -> None:
 
     assert with_retries("s3://b/k", flaky, 60, sleep=sleeps.append) == "ok"
     assert len(sleeps) == 3 and all(0 <= s <= 5 for s in sleeps)
+
+
+def test_worker_killed_mid_upload_loses_and_duplicates_nothing(s3: S3Server, proxy: FaultProxy) -> None:
+    """The killed worker's PUT still lands (the proxy holds it), and so does its replacement's:
+    one gets 412, finds its own bytes at the key, and counts the image written once."""
+    import os
+    import signal
+    import time
+
+    bucket = s3.bucket()
+    proxy.plan = lambda n, method, path: "stall" if n >= 1 else "pass"
+    sent = images(3, seed=4)
+    with sink_via(proxy, bucket, workers=1) as sink:
+        future = sink.submit(sent)
+        for _ in range(600):  # bounded: up to 60 s for the first PUT to reach the proxy
+            if proxy.counts["stall"]:
+                break
+            time.sleep(0.1)
+        assert proxy.counts["stall"] == 1
+        os.kill(sink.worker_pids[0], signal.SIGKILL)
+        for _ in range(600):  # the replacement's PUT of the same image reaches the proxy too
+            if proxy.counts["stall"] >= 2:
+                break
+            time.sleep(0.1)
+        proxy.release()
+        urls = future.result(120)
+    assert sink.stats.worker_restarts == 1 and sink.stats.written == 3
+    assert outcome(s3, bucket, sent, urls) == (3, 0, 0)

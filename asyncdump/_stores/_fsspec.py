@@ -102,15 +102,14 @@ class FsspecStore:
         transient errors; returns once the store acknowledged it."""
         path = self.fs._strip_protocol(url)
         mode = "overwrite" if overwrite else "create"
-        tried = [0]
 
         def put_once() -> None:
-            tried[0] += 1
             try:
                 self.fs.pipe_file(path, data, mode=mode)
             except FileExistsError:
-                # A retry after a lost answer finds its own object: that is success.
-                if tried[0] > 1 and self._holds(path, data):
+                # A retry after a lost answer (or a replacement worker re-sent the image)
+                # finds its own object: the key holds exactly these bytes, so it is written.
+                if self._holds(path, data):
                     return
                 raise
         try:
