@@ -10,6 +10,8 @@ Starts moto's server (``moto_server``) as its own process on 127.0.0.1 and measu
               W threads sharing one s3fs client with the sink's settings
     serial    the same PUTs from one thread
     server    the server's own ceiling: 8 threads PUTting 1-byte objects
+    folder    the sink of the first line with a local folder as root (the parent's CPU per
+              image is printed for it and for the s3:// sink)
 The server shares this machine's cores with the client, so the ceiling is the server's too.
 """
 
@@ -22,6 +24,7 @@ import socket
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 import uuid
 from typing import Any
@@ -69,14 +72,16 @@ def put_all(store: Any, bucket: str, files: list[bytes], threads: int) -> float:
     return len(files) / (time.perf_counter() - began)
 
 
-def run_sink(bucket: str, batches: list[Any], workers: int) -> float:
-    with AsyncImageSink(f"s3://{bucket}/{uuid.uuid4().hex[:8]}", workers=workers) as sink:
+def run_sink(root: str, batches: list[Any], workers: int, cpu: list[float]) -> float:
+    """Images/s; appends the parent's CPU seconds per image (all its threads) to ``cpu``."""
+    with AsyncImageSink(root, workers=workers) as sink:
         sink.submit(batches[0][:1]).result()  # workers import s3fs and connect: untimed
-        began = time.perf_counter()
+        began, cpu_began = time.perf_counter(), time.process_time()
         for batch in batches:
             sink.submit(batch)
         sink.flush()
         seconds = time.perf_counter() - began
+        cpu.append((time.process_time() - cpu_began) / sum(len(b) for b in batches))
     return sum(len(b) for b in batches) / seconds
 
 
@@ -99,9 +104,14 @@ def main() -> None:
         pixels = images.permute(0, 2, 3, 1).numpy()[..., ::-1]
         files = [cv2.imencode(".png", np.ascontiguousarray(p))[1].tobytes() for p in pixels]
         tiny = [b"x"] * args.count
-        results: dict[str, list[float]] = {"sink": [], "pool": [], "serial": [], "server": []}
+        results: dict[str, list[float]] = {"sink": [], "pool": [], "serial": [], "server": [],
+                                           "folder": []}
+        cpu: dict[str, list[float]] = {"sink": [], "folder": []}
         for _ in range(args.rounds):
-            results["sink"].append(run_sink("bench", batches, args.workers))
+            results["sink"].append(run_sink(f"s3://bench/{uuid.uuid4().hex[:8]}", batches,
+                                            args.workers, cpu["sink"]))
+            with tempfile.TemporaryDirectory() as folder:
+                results["folder"].append(run_sink(folder, batches, args.workers, cpu["folder"]))
             results["pool"].append(put_all(store, "bench", files, args.workers))
             results["serial"].append(put_all(store, "bench", files, 1))
             results["server"].append(put_all(store, "bench", tiny, 8))
@@ -112,6 +122,8 @@ def main() -> None:
             print(f"  {name:7s} {statistics.median(values):8.1f}")
         ratio = statistics.median(results["sink"]) / statistics.median(results["pool"])
         print(f"  sink / pool = {ratio:.2f}")
+        for name, values in cpu.items():
+            print(f"  parent CPU per image, {name}: {statistics.median(values) * 1e3:.3f} ms")
     finally:
         server.kill()
         server.wait()
