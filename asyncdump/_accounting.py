@@ -15,6 +15,7 @@ from typing import Any
 from ._errors import AsyncDumpError, describe_failures
 from ._jobs import BatchRecord
 from ._stats import Counters
+from ._stores import result_path
 
 Failure = tuple[Path, BaseException]
 
@@ -47,7 +48,7 @@ class Accounting:
 
     def image_failed(self, batch: BatchRecord, index: int, error: BaseException) -> None:
         self.counters.failed += 1
-        failure = (Path(batch.paths[index]), error)
+        failure = (result_path(batch.paths[index]), error)
         batch.failures.append(failure)
         with self._lock:
             self._undelivered.append(failure)
@@ -65,7 +66,7 @@ class Accounting:
         elif batch.results is not None:
             batch.future.set_result(batch.results)
         else:
-            batch.future.set_result([Path(p) for p in batch.paths])
+            batch.future.set_result([result_path(p) for p in batch.paths])
 
     # ----------------------------------------------------------------- caller side
     def open_futures(self) -> list[concurrent.futures.Future[Any]]:

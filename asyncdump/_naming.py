@@ -76,7 +76,8 @@ class Namer:
     function reads only what never changes, so any thread may call it).
     """
 
-    def __init__(self, root: Path, template: str, extension: str, overwrite: bool = False):
+    def __init__(self, root: Path | str, template: str, extension: str, overwrite: bool = False):
+        """``root``: a folder, or an object-store URL (a ``str``: no folders to resolve)."""
         if not isinstance(template, str) or not template:
             raise ValueError(f"name must be a non-empty str.format template, got {template!r}")
         try:
@@ -85,7 +86,7 @@ class Namer:
             raise ValueError(f"name template {template!r} is not a valid format string: {exc}") from None
         self.root = root
         self._root_str = str(root)
-        self._real_root = os.path.realpath(root)
+        self._real_root = os.path.realpath(root) if isinstance(root, Path) else None
         self.template = template
         self.extension = extension
         self.overwrite = overwrite
@@ -201,7 +202,7 @@ class Namer:
                              "components; use plain relative names such as 'epoch3/img_0001'")
         path = self._join(name)
         folder = os.path.dirname(path)
-        if folder not in self._checked_dirs:
+        if self._real_root is not None and folder not in self._checked_dirs:
             real = os.path.realpath(folder)
             if real != self._real_root and not real.startswith(self._real_root + os.sep):
                 raise ValueError(f"name {name!r} resolves outside root {self.root} "

@@ -15,7 +15,7 @@ records below, pickled over the worker's socket. Imports nothing heavy, because 
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 
 class FloatRule(NamedTuple):
@@ -66,6 +66,7 @@ class JobSettings(NamedTuple):
     fsync: bool = False
     return_bytes: bool = False  # encode only: send the file's bytes home instead of writing
     sha256: bool = False  # hash each file and send the digest home
+    store: Any = None  # a _stores.StoreSpec: PUT each file to this object store instead
 
 
 class Item(NamedTuple):

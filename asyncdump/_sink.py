@@ -46,6 +46,7 @@ from ._protocol import GridSpec, JobSettings
 from ._signals import deferred_sigint
 from ._staging import Batch, Conversion, copy_into_buffer, inspect
 from ._stats import SinkStats
+from ._stores import DEFAULT_RETRY_SECONDS, StoreSpec, is_url, open_destination
 
 ON_FULL = ("block", "drop", "raise")
 ON_ERROR = ("raise", "warn", "ignore")
@@ -60,6 +61,10 @@ class AsyncImageSink:
     See docs/api.md for every argument. Extras: ``overwrite=True`` lets two images of this sink
     use the same path (by default a ``ValueError`` at submit); ``extension`` is the suffix
     added to every name (default: the format's, e.g. ``".png"``; ``".TIF"`` or ``""`` work).
+
+    ``root`` may be an fsspec URL (``"s3://bucket/prefix"``): each file is then one PUT from
+    a worker, ``storage_options`` go to the file system, transient errors are retried for
+    ``retry_seconds`` per file, and Futures give URL strings (docs/object-storage.md).
     """
 
     def __init__(
@@ -80,6 +85,8 @@ class AsyncImageSink:
         overwrite: bool = False,
         extension: str | None = None,
         png_encoder: str = "auto",
+        storage_options: dict[str, Any] | None = None,
+        retry_seconds: float = DEFAULT_RETRY_SECONDS,
     ):
         self._closed = True  # until fully started: close() has nothing to do
         self.workers = _positive_int("workers", workers, _defaults.default_workers)
@@ -95,10 +102,16 @@ class AsyncImageSink:
         capacity = _positive_int("max_buffer_bytes", max_buffer_bytes,
                                  _defaults.default_max_buffer_bytes)
         suffix = _checked_extension(codec.extension if extension is None else extension)
-        self.root = Path(os.path.abspath(os.fspath(root)))
-        self.root.mkdir(parents=True, exist_ok=True)
-        if not os.access(self.root, os.W_OK | os.X_OK):
-            raise PermissionError(f"root {self.root} is not writable")
+        self._store: StoreSpec | None = None  # set for an object-store root (docs/object-storage.md)
+        self.root: Any
+        if is_url(root) or storage_options is not None:
+            self._store = _open_store(root, storage_options, overwrite, retry_seconds)
+            self.root = self._store.url
+        else:
+            self.root = Path(os.path.abspath(os.fspath(root)))
+            self.root.mkdir(parents=True, exist_ok=True)
+            if not os.access(self.root, os.W_OK | os.X_OK):
+                raise PermissionError(f"root {self.root} is not writable")
         self.on_full = on_full
         self.on_error = on_error
         self.fsync = bool(fsync)
@@ -203,7 +216,8 @@ class AsyncImageSink:
         spec = batch.spec(encoder, rule) if grid is None else \
             batch.spec(encoder, None)._replace(grid=grid, rule=None)
         settings = JobSettings(spec, batch.image_bytes, self._codec.extension,
-                               self._params, self.fsync, encode_only, digest)
+                               self._params, self.fsync and self._store is None, encode_only, digest,
+                               None if encode_only else self._store)
         record = BatchRecord(paths, batch.count, encode_only, digest)
         per_part = max(1, min(batch.count, self._buffer.capacity_bytes // batch.image_bytes,
                               self._buffer.max_images))
@@ -408,6 +422,19 @@ class AsyncImageSink:
     def __repr__(self) -> str:
         state = "closed" if self._closed else "open"
         return f"AsyncImageSink({str(self.root)!r}, format={self._codec.extension[1:]!r}, {state})"
+
+
+def _open_store(root: Any, storage_options: dict[str, Any] | None, overwrite: bool,
+                retry_seconds: float) -> StoreSpec:
+    """Load the store's plugin and check the bucket and credentials now (``StoreError``)."""
+    if not is_url(root):
+        raise ValueError("storage_options is only for object-store roots (scheme://...), "
+                         f"got {os.fspath(root)!r}")
+    if isinstance(retry_seconds, bool) or not isinstance(retry_seconds, (int, float)) \
+            or not retry_seconds >= 0:
+        raise ValueError(f"retry_seconds must be a number >= 0, got {retry_seconds!r}")
+    store = open_destination(root, storage_options, retry_seconds=float(retry_seconds))
+    return StoreSpec(store.url, dict(storage_options or {}), bool(overwrite), float(retry_seconds))
 
 
 def _encoded_labels(count: int) -> list[str]:

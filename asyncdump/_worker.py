@@ -5,6 +5,8 @@ Started by the pool as ``python -m asyncdump._worker SOCKET_FD BUFFER_FD BUFFER_
 Imports numpy and cv2 (and fpng on first use), never torch (a test checks ``sys.modules``).
 It speaks the records of ``_protocol``: runs each ``RunJob`` in order and reports every image.
 The spec's encoder picks fpng (8-bit RGB/RGBA PNG, RGB order) or OpenCV (BGR order).
+A job whose settings name a store (``_stores.StoreSpec``) PUTs each file there instead of
+writing a local file; fsspec and its plugin are then imported, still never torch.
 """
 
 from __future__ import annotations
@@ -152,6 +154,24 @@ def _fpng() -> Any:
     return _fpng_module
 
 
+_stores_open: dict[Any, Any] = {}
+
+
+def _store(spec: Any) -> Any:
+    """The worker's client for a store (``_stores.StoreSpec``), opened once per spec."""
+    key = (spec.url, repr(sorted(spec.storage_options.items())), spec.retry_seconds)
+    store = _stores_open.get(key)
+    if store is None:
+        from asyncdump._stores import open_store  # fsspec loads only in workers that upload
+
+        store = _stores_open[key] = open_store(spec)
+    return store
+
+
+def _as_bytes(encoded: memoryview) -> bytes:
+    return encoded.obj if isinstance(encoded.obj, bytes) else encoded.tobytes()
+
+
 def run_job(conn: Connection, buffer: np.ndarray, job: RunJob) -> None:
     """Encode and write every image of one job, reporting each step home."""
     settings = job.settings
@@ -169,6 +189,10 @@ def run_job(conn: Connection, buffer: np.ndarray, job: RunJob) -> None:
             sha = hashlib.sha256(encoded).hexdigest() if settings.sha256 else None
             if settings.return_bytes:
                 _report(conn, EncodedBytes(job.job_id, i, encoded.tobytes(), sha))
+                continue
+            if settings.store is not None:  # an object store: one PUT, acknowledged
+                _store(settings.store).put(final, _as_bytes(encoded), settings.store.overwrite)
+                _report(conn, Written(job.job_id, i, encoded.nbytes, sha))
                 continue
             write_temp(temp, encoded, settings.fsync)
             if settings.fsync:  # the pixels may be reused before the slow fsyncs are done

@@ -55,6 +55,7 @@ from ._manifest import (
 from ._metadata import serialise
 from ._ranks import Ranks
 from ._schedule import Schedule
+from ._stores import is_url
 
 __all__ = ["DatasetError", "DatasetSink", "DatasetSummary", "write_dataset"]
 
@@ -126,6 +127,7 @@ class DatasetSink:
         codec = get_codec(format)
         encode_params(codec, quality)
         self.png_encoder = check_png_encoder(png_encoder, codec, quality)
+        _refuse_store_root(root)
         self.root = Path(os.path.abspath(os.fspath(root)))
         self.mode = mode
         self.fsync = bool(fsync)
@@ -352,6 +354,13 @@ def write_dataset(
             sink.submit(indices, images, metadata)
     assert sink.summary is not None
     return sink.summary
+
+
+def _refuse_store_root(root: Any) -> None:
+    """Datasets are written to folders only, so far: a URL must not become a local folder."""
+    if is_url(root):
+        raise ValueError(f"{root}: datasets cannot be written to object stores yet (only "
+                         "AsyncImageSink and save_image can); write to a folder and upload it")
 
 
 def _check_int(name: str, value: Any) -> None:

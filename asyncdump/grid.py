@@ -46,6 +46,7 @@ from ._errors import AsyncDumpError
 from ._protocol import GridSpec
 from ._sink import AsyncImageSink
 from ._staging import ACCEPTED, TORCH_DTYPES, inspect
+from ._stores import is_url
 
 MAX_OPEN_SINKS = 4
 SINK_BUFFER_BYTES = 32 << 20  # grown per sink to twice the largest grid seen
@@ -219,6 +220,10 @@ def _check_fp(fp: Any) -> str:
     text = os.fspath(fp)
     if not isinstance(text, str):
         text = os.fsdecode(text)
+    if is_url(text):  # an object store: the sink of its "folder" PUTs it (docs/object-storage.md)
+        if text.endswith("/") or text.rstrip("/").count("/") < 3:
+            raise ValueError(f"fp must name an object inside a bucket, got {text!r}")
+        return text
     if not text or text.endswith(("/", os.sep)) or os.path.isdir(text):
         raise ValueError(f"fp must name a file, got {text!r}")
     return os.path.abspath(text)
@@ -436,6 +441,8 @@ def save_image(
     """``torchvision.utils.save_image``, asynchronous: same arguments, same pixels, same grid.
 
     Returns at once with a Future of ``[Path(fp)]``; ``asyncdump.flush()`` waits for all saves.
+    ``fp`` may be an fsspec URL (``"s3://bucket/samples/x.png"``): the Future then gives the
+    URL, once the store acknowledged the object (docs/object-storage.md).
     Also takes uint8 (written as is), uint16 (16-bit PNG/TIFF) and bool (0/255) tensors, which
     torchvision rejects. ``fp`` must be a path: file objects are not supported.
     """

@@ -284,6 +284,19 @@ SKIP.update({
 })
 
 
+SKIP.update({
+    ("docs/object-storage.md", "from asyncdump import AsyncImageSink, save_image"):
+        "needs a bucket on a store: tests/test_object_store.py makes the same calls against "
+        "moto's S3 server on loopback",
+    ("docs/object-storage.md", "pip install 'asyncdump[s3]'        # fsspec + s3fs; other stores: "
+                               "pip install gcsfs / adlfs"): "installs packages",
+    ("docs/object-storage.md", 'AsyncImageSink("s3://bucket/x", storage_options={"endpoint_url": '
+                               '"http://minio:9000",'):
+        "an endpoint on another host: tests/test_object_store.py passes storage_options to "
+        "moto's server on loopback",
+})
+
+
 def lookup(snippet: Snippet) -> list[str]:
     """Which tables list this snippet (the manifest line by prefix: it is all one line)."""
     tables = [name for name, table in (("RUN", RUN), ("SKIP", SKIP), ("SIGNATURES", SIGNATURES),

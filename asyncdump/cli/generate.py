@@ -18,6 +18,7 @@ from typing import Any
 from .._codecs import CODECS, get_codec
 from .._encoders import PNG_ENCODERS
 from .._errors import AsyncDumpError
+from .._stores import is_url
 
 PROG = "asyncdump generate"
 
@@ -49,6 +50,9 @@ def run(args: argparse.Namespace) -> int:
             return _fail(f"--{name.replace('_', '-')} must be at least 1, got {value}")
     if args.format.lower() not in CODECS:
         return _fail(f"unknown --format {args.format!r}; choose one of {', '.join(sorted(CODECS))}")
+    if is_url(args.out):
+        return _fail(f"--out {args.out}: datasets cannot be written to object stores yet; "
+                     "write to a folder and upload it")
     plan = _user_plan(args) if args.generator is not None else _builtin_plan(args)
     if isinstance(plan, int):
         return plan
