@@ -28,6 +28,7 @@ Its parts: ``_manifest`` (names, ``dataset.json``, the manifest, resume state), 
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import json
 import os
 import time
@@ -292,8 +293,9 @@ class DatasetSink:
         local = (committer.written, committer.failed, committer.bytes)
         if not normal or committer.error is not None:
             if self.world == 1:  # a clean sorted manifest even after an error
-                write_merged_manifest(self.root, read_manifests(self.root, self.layout.count),
-                                      self.fsync)
+                with contextlib.suppress(OSError):  # a full disk: the appended one stays
+                    write_merged_manifest(self.root, read_manifests(self.root, self.layout.count),
+                                          self.fsync)
             self._summary = DatasetSummary(str(self.root), self.mode, local[0], self.skipped,
                                            local[1], local[2], seconds, False)
             self._ranks.release()

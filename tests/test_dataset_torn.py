@@ -67,3 +67,61 @@ def test_every_cut_of_the_last_manifest_line_resumes_to_a_clean_run(tmp_path: Pa
         summary = write_dataset(make, damaged, mode=mode, resume=True, **OPTIONS)
         assert summary.complete and summary.failed == 0
         assert tree(damaged) == expected, f"cut {cut} bytes"
+
+
+class FillingDisk:
+    """``os.write`` on one fd as a disk that fills up: at most ``chunk`` bytes per call, and
+    after ``room`` bytes one short write, then ENOSPC once (then the space is back)."""
+
+    def __init__(self, fd: int, room: int, chunk: int = 1 << 30, refuse: bool = True):
+        self.fd, self.room, self.chunk, self.refuse = fd, room, chunk, refuse
+        self.real = os.write
+        self.refused = 0
+
+    def __call__(self, fd: int, data: bytes) -> int:
+        if fd != self.fd:
+            return self.real(fd, data)
+        if self.refuse and self.room == 0 and not self.refused:
+            self.refused += 1
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        size = min(len(data), self.chunk, self.room if self.refuse and not self.refused else len(data))
+        if self.refuse and not self.refused:
+            self.room -= size
+        return self.real(fd, bytes(data[:size]))
+
+
+def write_with(root: Path, mode: str, disk: dict, monkeypatch: pytest.MonkeyPatch) -> FillingDisk:
+    with DatasetSink(root, count=12, shard_size=5, workers=1, mode=mode) as sink:
+        fake = FillingDisk(sink._committer._manifest_fd, **disk)
+        monkeypatch.setattr(os, "write", fake)
+        for batch in sink.pending(4):
+            sink.submit(batch, *make(batch))
+    return fake
+
+
+@pytest.mark.parametrize("mode", ["files", "tar"])
+def test_short_manifest_writes_are_completed(tmp_path: Path, mode: str,
+                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    write_dataset(make, tmp_path / "clean", mode=mode, **OPTIONS)
+    write_with(tmp_path / "short", mode, {"room": 0, "chunk": 37, "refuse": False}, monkeypatch)
+    assert tree(tmp_path / "short") == tree(tmp_path / "clean")
+
+
+@pytest.mark.parametrize("mode", ["files", "tar"])
+def test_a_full_disk_stops_the_run_and_leaves_a_manifest_resume_accepts(
+        tmp_path: Path, mode: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The disk fills in the middle of a line (a short write, then ENOSPC), and the space is
+    back for the next line: the manifest is cut back to its last whole line, the run stops
+    with the errno, and resume finishes it into exactly a clean run's bytes."""
+    write_dataset(make, tmp_path / "clean", mode=mode, **OPTIONS)
+    out = tmp_path / "full"
+    with pytest.raises(AsyncDumpError, match="cannot append to the manifest .*No space left"):
+        write_with(out, mode, {"room": 1500}, monkeypatch)
+    monkeypatch.undo()
+    text = (out / "manifest.jsonl").read_bytes()
+    assert text.endswith(b"\n") and 0 < text.count(b"\n") < 12
+    assert all(json.loads(line) for line in text.splitlines())
+    assert not list(out.rglob(".*"))  # no temp file left
+    summary = write_dataset(make, out, mode=mode, resume=True, **OPTIONS)
+    assert summary.complete and summary.failed == 0
+    assert tree(out) == tree(tmp_path / "clean")

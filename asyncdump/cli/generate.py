@@ -22,9 +22,9 @@ from .._errors import AsyncDumpError
 PROG = "asyncdump generate"
 
 
-def _fail(message: str) -> int:
+def _fail(message: str, code: int = 2) -> int:
     print(f"{PROG}: error: {message}", file=sys.stderr)
-    return 2
+    return code
 
 
 BUILTIN_DEFAULTS = {"size": 64, "seed": 0, "device": "auto"}  # the built-in generator's options
@@ -80,6 +80,9 @@ def run(args: argparse.Namespace) -> int:
         _release_ranks(plan.owns_group)
         print(f"{PROG}: error: {exc.report()}", file=sys.stderr)
         return exc.exit_code
+    except AsyncDumpError as exc:  # the writer stopped (a full disk): the manifest is whole
+        _release_ranks(plan.owns_group)
+        return _fail(str(exc).splitlines()[0], code=1)
     _release_ranks(plan.owns_group)
     return _report(sink, plan.source)
 

@@ -1,0 +1,72 @@
+"""``asyncdump generate`` under adversarial input: a full disk, arguments that cannot work, an
+``--out`` holding someone else's files, a torn manifest line (issue 19)."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+ENV = {k: v for k, v in os.environ.items()
+       if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR",
+                    "MASTER_PORT")}
+
+
+def generate(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "asyncdump", "generate", "--no-progress", *args],
+                          capture_output=True, text=True, timeout=timeout, env=ENV)
+
+
+def tree(root: Path) -> dict[str, bytes]:
+    """Every file under root by relative path (hidden temporaries included, if any)."""
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def one_line_error(result: subprocess.CompletedProcess[str], code: int) -> str:
+    assert result.returncode == code, result.stderr
+    assert result.stderr.startswith("asyncdump generate: error: "), result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.stderr
+    return result.stderr
+
+
+@contextlib.contextmanager
+def small_tmpfs(where: Path, size: str) -> Iterator[Path]:
+    where.mkdir()
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root")
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(where)],
+                             capture_output=True, text=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.strip()}")
+    try:
+        yield where
+    finally:
+        subprocess.run(["umount", str(where)], check=True)
+
+
+@pytest.mark.timeout(240)
+@pytest.mark.parametrize("mode", ["files", "tar"])
+def test_a_full_disk_is_one_line_and_resume_finishes_it(tmp_path: Path, mode: str) -> None:
+    """A real full disk (a 192 KiB tmpfs): exit 1 with one line, a manifest of whole lines;
+    with room again, --resume gives exactly a clean run's files."""
+    common = ["--count", "120", "--size", "16", "--mode", mode, "--shard-size", "20",
+              "--workers", "1", "--batch-size", "10"]
+    assert generate("--out", str(tmp_path / "clean"), *common).returncode == 0
+    with small_tmpfs(tmp_path / "disk", "192k") as disk:
+        out = disk / "out"
+        full = generate("--out", str(out), *common)
+        assert full.returncode == 1, full.stderr
+        assert "Traceback" not in full.stderr
+        text = (out / "manifest.jsonl").read_bytes()
+        assert text.endswith(b"\n") or not text
+        assert all(json.loads(line) for line in text.splitlines())
+        subprocess.run(["mount", "-o", "remount,size=64m", str(disk)], check=True)
+        resumed = generate("--out", str(out), *common, "--resume")
+        assert resumed.returncode == 0, resumed.stderr
+        assert tree(out) == tree(tmp_path / "clean")
