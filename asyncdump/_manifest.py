@@ -29,6 +29,8 @@ from ._tar import TAR_BLOCK, member_bytes
 DATASET_FILE = "dataset.json"
 MANIFEST_FILE = "manifest.jsonl"
 LAYOUT_VERSION = 1
+# Indices stay exact in every JSON reader (JavaScript's and others' numbers are doubles).
+MAX_COUNT = 2 ** 53
 _RANK_MANIFEST = re.compile(r"^manifest\.rank(\d+)\.jsonl$")
 _TEMP_NAME = re.compile(r"^\..*\.tmp$")
 

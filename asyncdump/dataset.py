@@ -45,6 +45,7 @@ from ._encoders import check_png_encoder
 from ._errors import AsyncDumpError, DatasetError
 from ._manifest import (
     MANIFEST_FILE,
+    MAX_COUNT,
     Layout,
     job_record,
     parts_done,
@@ -60,6 +61,7 @@ from ._schedule import Schedule
 __all__ = ["DatasetError", "DatasetSink", "DatasetSummary", "write_dataset"]
 
 MODES = ("files", "tar")
+MAX_WORKERS = 1024  # per rank: more is a typo, not a machine
 
 
 @dataclass(frozen=True)
@@ -119,9 +121,16 @@ class DatasetSink:
     ):
         self._closed = True
         _check_int("count", count)
+        if count > MAX_COUNT:
+            raise ValueError(f"count must be at most 2**53 = {MAX_COUNT} (indices stay exact "
+                             f"in every JSON reader), got {count}")
         _check_int("shard_size", shard_size)
         if shard_bytes is not None:
             _check_int("shard_bytes", shard_bytes)
+        if workers is not None:  # checked before anything is written (the sink starts later)
+            _check_int("workers", workers)
+            if workers > MAX_WORKERS:
+                raise ValueError(f"workers must be at most {MAX_WORKERS}, got {workers}")
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
         codec = get_codec(format)

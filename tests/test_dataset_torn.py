@@ -125,3 +125,14 @@ def test_a_full_disk_stops_the_run_and_leaves_a_manifest_resume_accepts(
     summary = write_dataset(make, out, mode=mode, resume=True, **OPTIONS)
     assert summary.complete and summary.failed == 0
     assert tree(out) == tree(tmp_path / "clean")
+
+
+def test_a_count_beyond_memory_runs_without_a_bitmap_of_it(tmp_path: Path) -> None:
+    """``count=10**13`` once needed a 1.25 TB resume bitmap (MemoryError) before any image."""
+    with DatasetSink(tmp_path, count=10**13, shard_size=1000, workers=1) as sink:
+        batch = next(sink.pending(4))
+        sink.submit(batch, *make(batch))
+        assert sink.remaining == 10**13 - 4
+    assert sink.summary is not None and sink.summary.images == 4 and not sink.summary.complete
+    assert json.loads((tmp_path / "manifest.jsonl").read_text().splitlines()[3])["path"] \
+        == "0000000000/0000000000003.png"

@@ -70,3 +70,27 @@ def test_a_full_disk_is_one_line_and_resume_finishes_it(tmp_path: Path, mode: st
         resumed = generate("--out", str(out), *common, "--resume")
         assert resumed.returncode == 0, resumed.stderr
         assert tree(out) == tree(tmp_path / "clean")
+
+
+def _cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+@pytest.mark.parametrize("args, words", [
+    pytest.param(["--device", "cuda"], "--device cuda: ",
+                 marks=pytest.mark.skipif(_cuda(), reason="CUDA is available here")),
+    (["--device", "mps"], "--device must be auto, cpu, cuda or cuda:N, got 'mps'"),
+    (["--device", "bogus"], "--device must be auto, cpu, cuda or cuda:N, got 'bogus'"),
+    (["--device", "cuda:99"], "--device cuda:99: "),
+    (["--count", "99999999999999999999"], "count must be at most 2**53"),
+    (["--workers", "99999999999999999999"], "workers must be at most 1024"),
+])
+def test_argument_errors_are_one_line_and_write_nothing(tmp_path: Path, args: list[str],
+                                                        words: str) -> None:
+    out = tmp_path / "out"
+    command = ["--out", str(out), "--size", "8"] + ([] if "--count" in args else ["--count", "4"])
+    stderr = one_line_error(generate(*command, *args), 2)
+    assert words in stderr
+    assert not out.exists()  # not even dataset.json: the corrected command is not refused
