@@ -292,6 +292,22 @@ def write_merged_manifest(root: Path, entries: dict[int, dict[str, Any]], fsync:
             unlink_quietly(path)
 
 
+def _refuse_foreign_files(root: Path) -> None:
+    """A new dataset starts only in a missing or empty folder: its names (``000000/...``,
+    ``shard-000000.tar``) could replace files someone else put there."""
+    if not root.is_dir():
+        return
+    try:
+        with os.scandir(root) as entries:
+            found = next(entries, None)
+    except OSError as exc:
+        raise DatasetError(f"cannot read {root}: {exc.strerror or exc}") from None
+    if found is not None:
+        raise DatasetError(f"{root} is not empty (it holds {found.name!r}) and holds no asyncdump "
+                           "dataset; a new dataset starts only in a new or empty folder, so that "
+                           "no file of yours is replaced: choose another output folder")
+
+
 def prepare_root(root: Path, layout: Layout, record: dict[str, Any], resume: bool,
                  fsync: bool) -> None:
     """Rank 0 at the start of a run: refuse an existing dataset without ``resume``; else write
@@ -300,6 +316,8 @@ def prepare_root(root: Path, layout: Layout, record: dict[str, Any], resume: boo
     if existing is not None and not resume:
         raise DatasetError(f"{root} already holds a dataset ({existing}); pass resume "
                            "(--resume) to continue it, or choose another output folder")
+    if existing is None:
+        _refuse_foreign_files(root)
     try:
         root.mkdir(parents=True, exist_ok=True)
         if existing is None:

@@ -94,3 +94,17 @@ def test_argument_errors_are_one_line_and_write_nothing(tmp_path: Path, args: li
     stderr = one_line_error(generate(*command, *args), 2)
     assert words in stderr
     assert not out.exists()  # not even dataset.json: the corrected command is not refused
+
+
+@pytest.mark.parametrize("resume", [[], ["--resume"]])
+def test_an_out_holding_files_of_someone_else_is_refused(tmp_path: Path, resume: list[str]) -> None:
+    out = tmp_path / "photos"
+    (out / "000000").mkdir(parents=True)
+    (out / "000000" / "000000003.png").write_bytes(b"my holiday picture")
+    (out / "notes.txt").write_text("mine")
+    before = tree(out)
+    stderr = one_line_error(generate("--out", str(out), "--count", "8", "--size", "8", *resume), 2)
+    assert "is not empty" in stderr and "holds no asyncdump dataset" in stderr
+    assert tree(out) == before and sorted(p.name for p in out.iterdir()) == ["000000", "notes.txt"]
+    (out / "empty").mkdir()  # an empty folder is fine
+    assert generate("--out", str(out / "empty"), "--count", "8", "--size", "8").returncode == 0
