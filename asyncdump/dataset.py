@@ -184,6 +184,7 @@ class DatasetSink:
         self._schedule = Schedule(self.layout, entries.keys(), self.rank, self.world)
         del entries
         self._shape: tuple[int, ...] | None = None
+        self._depth: int | None = None  # bits per channel of the files: 8, or 16 (uint16)
         self._summary: DatasetSummary | None = None
 
         from ._sink import AsyncImageSink
@@ -267,17 +268,23 @@ class DatasetSink:
         if len(shape) != 4 or shape[0] != count:
             raise ValueError(f"images must be a (B, C, H, W) batch with B = len(indices) = {count}, "
                              f"got shape {shape or type(images).__name__}")
-        if self._shape is None:
-            self._shape = shape[1:]
-        elif shape[1:] != self._shape:
+        # uint16 is written as 16-bit files, every other dtype as 8-bit ones
+        depth = 16 if str(getattr(images, "dtype", "")).endswith("uint16") else 8
+        if self._shape is not None and shape[1:] != self._shape:
             raise ValueError(f"image shape {shape[1:]} differs from earlier batches' {self._shape}: "
                              "a dataset has one image shape")
-        metas = serialise(metadata, count, tar=self.mode == "tar")
+        if self._depth is not None and depth != self._depth:
+            raise ValueError(f"images of dtype {images.dtype} make {depth}-bit files, earlier "
+                             f"batches made {self._depth}-bit ones: a dataset has one pixel depth "
+                             f"({'uint16' if self._depth == 16 else 'not uint16'} like them)")
+        metas = serialise(metadata, count, tar=self.mode == "tar", indices=indices)
         future: concurrent.futures.Future[Any]
         if self.mode == "files":
             future = self._sink._submit_digest(images, [self.layout.file_name(i) for i in indices])
         else:
             future = self._sink._submit_digest(images, None)
+        # Fixed only by an accepted batch: one refused (say, for its dtype) fixes nothing.
+        self._shape, self._depth = shape[1:], depth
         _, channels, height, width = shape
         self._schedule.take(count)
         self._committer.put(future, indices, metas, f"[{height},{width},{channels}]")

@@ -115,7 +115,7 @@ def test_a_full_disk_stops_the_run_and_leaves_a_manifest_resume_accepts(
     with the errno, and resume finishes it into exactly a clean run's bytes."""
     write_dataset(make, tmp_path / "clean", mode=mode, **OPTIONS)
     out = tmp_path / "full"
-    with pytest.raises(AsyncDumpError, match="cannot append to the manifest .*No space left"):
+    with pytest.raises(AsyncDumpError, match=r"cannot append to the manifest .*No space left"):
         write_with(out, mode, {"room": 1500}, monkeypatch)
     monkeypatch.undo()
     text = (out / "manifest.jsonl").read_bytes()

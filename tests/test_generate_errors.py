@@ -108,3 +108,49 @@ def test_an_out_holding_files_of_someone_else_is_refused(tmp_path: Path, resume:
     assert tree(out) == before and sorted(p.name for p in out.iterdir()) == ["000000", "notes.txt"]
     (out / "empty").mkdir()  # an empty folder is fine
     assert generate("--out", str(out / "empty"), "--count", "8", "--size", "8").returncode == 0
+
+
+# Metadata that passes the first batch's check, then goes bad at index 12 (KIND says how).
+BAD_LATER = '''
+import math, os
+import numpy as np
+
+BAD = {"surrogate": {"caption": "caf\\udce9"}, "same_key": {1: "one", "1": "also one"},
+       "same_nested_key": {"scores": {1: 0.5, "1": 0.5}}, "nan": {"score": math.nan},
+       "inf": {"box": [0, math.inf]}}
+
+def make(indices):
+    images = np.stack([np.full((3, 8, 8), i, np.uint8) for i in indices])
+    meta = [{"label": i % 3} for i in indices]
+    if 12 in indices:
+        meta[indices.index(12)] = BAD[os.environ["KIND"]]
+    return images, meta
+'''
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("kind, mode, words", [
+    ("surrogate", "files", "'\\udce9' is a lone surrogate"),
+    ("same_key", "files", "two keys are both written as '1'"),
+    ("same_nested_key", "tar", "two keys are both written as '1'"),
+    ("nan", "files", "NaN or infinity is not JSON"),
+    ("inf", "tar", "NaN or infinity is not JSON"),
+])
+def test_bad_metadata_in_a_later_batch_is_one_line_exit_2_and_keeps_what_is_durable(
+        tmp_path: Path, kind: str, mode: str, words: str) -> None:
+    (tmp_path / "badgen.py").write_text(BAD_LATER)
+    result = subprocess.run(
+        [sys.executable, "-m", "asyncdump", "generate", "--no-progress", "--out", "out",
+         "--count", "20", "--batch-size", "5", "--shard-size", "5", "--mode", mode,
+         "--workers", "1", "--generator", "badgen:make"],
+        capture_output=True, text=True, timeout=60, env=dict(ENV, KIND=kind), cwd=tmp_path)
+    stderr = one_line_error(result, 2)
+    assert "indices 10..14 that cannot be written: metadata of index 12" in stderr
+    assert words in stderr and "10 images written are kept in the manifest" in stderr
+    out = tmp_path / "out"
+    entries = [json.loads(line) for line in (out / "manifest.jsonl").read_text().splitlines()]
+    assert [e["index"] for e in entries] == list(range(10))
+    images = sorted(p.name for p in out.rglob("*") if p.suffix in (".png", ".tar"))
+    assert images == sorted(e["path"].rsplit("/", 1)[-1] if mode == "files"
+                            else e["path"].split("/")[0] for e in entries[::1 if mode == "files" else 5])
+    assert not list(out.rglob(".*"))  # no orphan images, no temp file
