@@ -125,19 +125,19 @@ def _builtin_plan(args: argparse.Namespace) -> _Plan | int:
 
 def _device_problem(device: str, torch: Any) -> str | None:
     """Why the built-in generator cannot render on ``device`` (None: it can)."""
-    kind, _, number = device.partition(":")
-    if device == "cpu" or (kind == "cuda" and (not number or number.isdigit())):
-        if kind != "cuda":
-            return None
-        if not torch.cuda.is_available():
-            why = "this torch is built without CUDA" if torch.version.cuda is None \
-                else "no CUDA device is visible"
-            return f"--device {device}: {why}; use --device cpu (or auto)"
-        if number and int(number) >= torch.cuda.device_count():
-            return (f"--device {device}: there are {torch.cuda.device_count()} CUDA devices "
-                    f"(cuda:0..cuda:{torch.cuda.device_count() - 1})")
+    if device == "cpu":
         return None
-    return f"--device must be auto, cpu, cuda or cuda:N, got {device!r}"
+    kind, _, number = device.partition(":")
+    if kind != "cuda" or (number and not number.isdigit()):
+        return f"--device must be auto, cpu, cuda or cuda:N, got {device!r}"
+    if not torch.cuda.is_available():
+        why = "this torch is built without CUDA" if torch.version.cuda is None \
+            else "no CUDA device is visible"
+        return f"--device {device}: {why}; use --device cpu (or auto)"
+    if number and int(number) >= torch.cuda.device_count():
+        return (f"--device {device}: there are {torch.cuda.device_count()} CUDA devices "
+                f"(cuda:0..cuda:{torch.cuda.device_count() - 1})")
+    return None
 
 
 def _user_plan(args: argparse.Namespace) -> _Plan | int:
