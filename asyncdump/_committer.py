@@ -20,7 +20,7 @@ import threading
 from pathlib import Path
 from typing import Any
 
-from ._errors import AsyncDumpError
+from ._errors import AsyncDumpError, DatasetError
 from ._manifest import Layout
 from ._metadata import Meta
 from ._tar import TAR_BLOCK, TarPart, member_bytes
@@ -51,7 +51,9 @@ class Committer:
         self._bar: Any = None
         self._thread: threading.Thread | None = None
         self._queue: queue.Queue[_Batch | None] = queue.Queue(QUEUED_BATCHES)
+        self._manifest_path = manifest_path
         self._manifest_fd = os.open(manifest_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        self._manifest_size = os.fstat(self._manifest_fd).st_size  # ends with a whole line
 
     def start(self, bar: Any) -> None:
         """Start the thread; ``bar`` (a tqdm bar or None) advances per committed batch."""
@@ -112,11 +114,29 @@ class Committer:
                 f'"sha256":"{sha256}","shape":{shape}}}\n')
 
     def _append(self, indices: list[int], lines: list[str]) -> None:
+        """Append whole lines or none: a failed write (a full disk) is cut back to the last
+        complete line, so the manifest stays one that resume accepts, and the run stops."""
+        data = "".join(lines).encode()
+        try:
+            view = memoryview(data)
+            while view:  # os.write may write less than asked (a disk filling up)
+                view = view[os.write(self._manifest_fd, view):]
+            if self.fsync:
+                os.fsync(self._manifest_fd)
+        except OSError as exc:
+            self.failed += len(lines)
+            kept = "kept"
+            try:
+                os.ftruncate(self._manifest_fd, self._manifest_size)
+            except OSError:  # resume ignores a torn last line; nothing is appended after it
+                kept = "kept, with a torn last line that resume ignores"
+            raise DatasetError(
+                f"cannot append to the manifest {self._manifest_path}: {exc.strerror or exc}; "
+                f"stopped, the images it lists are {kept}: make room and rerun with resume "
+                "(--resume)") from exc
+        self._manifest_size += len(data)
         self.in_order &= indices[0] > self.last_index  # each batch/part is in index order
         self.last_index = indices[-1]
-        os.write(self._manifest_fd, "".join(lines).encode())
-        if self.fsync:
-            os.fsync(self._manifest_fd)
 
     def _commit_files(self, indices: list[int], metas: list[Meta], shape: str,
                       result: list[tuple[str, int] | None] | None, failed: set[Path]) -> None:
@@ -171,7 +191,12 @@ class Committer:
         part = self._tar
         assert part is not None
         self._tar = None
-        part.finish(self.fsync)
+        try:
+            part.finish(self.fsync)
+        except BaseException:  # a full disk: the part is incomplete, its images lost
+            self.failed += len(part.lines)
+            part.discard()
+            raise
         self._next_part[part.shard] = self._next_part.get(part.shard, 0) + 1
         self._append(part.indices, part.lines)
         self.written += len(part.lines)

@@ -3,9 +3,11 @@
     every rank: first batch -> call + check -> gather every rank's verdict
         any rank failed: no image submitted; rank 0 removes what the sink created -> exit 2
                          (exit 1 when a function raised, with its traceback)
-        all fine:        submit it, then call + check + submit each further pending batch;
-                         a failure there stops this rank: what was written stays in the
-                         manifest and ``--resume`` calls the function for the rest only
+        all fine:        submit it, then call + check + submit each further pending batch
+                         (``DatasetSink.submit`` checks images and metadata as the first
+                         batch was checked); a failure there stops this rank (exit 2, or 1
+                         when the function raised): what was written stays in the manifest
+                         and ``--resume`` calls the function for the rest only
 """
 
 from __future__ import annotations
@@ -32,7 +34,8 @@ class GeneratorFailed(Exception):
 
     @property
     def exit_code(self) -> int:
-        return 1 if self.raised or not self.first else 2
+        """1 when the function raised; 2 when what it returned cannot be written (on any batch)."""
+        return 1 if self.raised else 2
 
     def report(self) -> str:
         """The one-line message, then the function's traceback when it raised."""
@@ -62,14 +65,18 @@ def feed(sink: Any, produce: Generator, spec: str, batch_size: int, codec: Codec
                               first=True, raised=any(raised for _, raised in failed))
     if first is None:
         return
-    sink.submit(first, images, metadata)
+    _submit(sink, spec, first, images, metadata)
     for indices in batches:
         images, metadata = _make(produce, spec, indices, codec, first=False)
-        try:
-            sink.submit(indices, images, metadata)
-        except (TypeError, ValueError) as exc:
-            raise GeneratorFailed(f"{spec} returned a batch for indices {_span(indices)} that "
-                                  f"cannot be written: {exc}", first=False, raised=False) from None
+        _submit(sink, spec, indices, images, metadata)
+
+
+def _submit(sink: Any, spec: str, indices: list[int], images: Any, metadata: Any) -> None:
+    try:
+        sink.submit(indices, images, metadata)
+    except (TypeError, ValueError) as exc:
+        raise GeneratorFailed(f"{spec} returned a batch for indices {_span(indices)} that "
+                              f"cannot be written: {exc}", first=False, raised=False) from None
 
 
 def _make(produce: Generator, spec: str, indices: list[int], codec: Codec,

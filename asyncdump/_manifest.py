@@ -16,6 +16,7 @@ import contextlib
 import json
 import os
 import re
+import tarfile
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,10 +24,13 @@ from typing import Any
 
 from ._errors import DatasetError
 from ._fsutil import unlink_quietly
+from ._tar import TAR_BLOCK, member_bytes
 
 DATASET_FILE = "dataset.json"
 MANIFEST_FILE = "manifest.jsonl"
 LAYOUT_VERSION = 1
+# Indices stay exact in every JSON reader (JavaScript's and others' numbers are doubles).
+MAX_COUNT = 2 ** 53
 _RANK_MANIFEST = re.compile(r"^manifest\.rank(\d+)\.jsonl$")
 _TEMP_NAME = re.compile(r"^\..*\.tmp$")
 
@@ -223,9 +227,39 @@ def durable_entries(root: Path, layout: Layout,
         intact = all(e["path"].split("/", 1)[0] in sizes and
                      int(e.get("offset", 0)) + int(e.get("bytes", 0))
                      <= sizes[e["path"].split("/", 1)[0]] for e in items)
-        if prefix and intact:  # otherwise the whole shard is written again (same bytes)
-            kept.update((e["index"], e) for e in items)
+        if not (prefix and intact):  # the whole shard is written again (same bytes)
+            continue
+        # A part's lines are appended after it is renamed, so only the last part of a shard
+        # can have fewer lines than images (a torn or lost last line, or a full disk). Its
+        # images are written again into the same part name, not into a new part after it.
+        last = items[-1]["path"].split("/", 1)[0]
+        if not _lists_every_image(root / last, items[-1]):
+            items = [e for e in items if e["path"].split("/", 1)[0] != last]
+        kept.update((e["index"], e) for e in items)
     return kept
+
+
+def _lists_every_image(tar: Path, last: dict[str, Any]) -> bool:
+    """Whether ``last`` (a manifest entry) is the last image of its tar part: after its member
+    come only its own members (``key.cls``, ``key.json``) and the archive's end."""
+    key = last["path"].split("/", 1)[1].rpartition(".")[0] + "."
+    offset, size = last.get("offset"), last.get("bytes")
+    if not (isinstance(offset, int) and isinstance(size, int)):
+        return False
+    position = offset + size + (-size % TAR_BLOCK)
+    try:
+        with open(tar, "rb") as handle:
+            while True:
+                handle.seek(position)
+                block = handle.read(TAR_BLOCK)
+                if block == bytes(TAR_BLOCK):
+                    return True
+                info = tarfile.TarInfo.frombuf(block, "utf-8", "surrogateescape")
+                if not info.name.startswith(key):
+                    return False  # another image the manifest does not list
+                position += member_bytes(info.size)
+    except (OSError, tarfile.TarError):
+        return False
 
 
 def parts_done(layout: Layout, entries: Iterable[dict[str, Any]]) -> dict[int, int]:
@@ -258,6 +292,22 @@ def write_merged_manifest(root: Path, entries: dict[int, dict[str, Any]], fsync:
             unlink_quietly(path)
 
 
+def _refuse_foreign_files(root: Path) -> None:
+    """A new dataset starts only in a missing or empty folder: its names (``000000/...``,
+    ``shard-000000.tar``) could replace files someone else put there."""
+    if not root.is_dir():
+        return
+    try:
+        with os.scandir(root) as entries:
+            found = next(entries, None)
+    except OSError as exc:
+        raise DatasetError(f"cannot read {root}: {exc.strerror or exc}") from None
+    if found is not None:
+        raise DatasetError(f"{root} is not empty (it holds {found.name!r}) and holds no asyncdump "
+                           "dataset; a new dataset starts only in a new or empty folder, so that "
+                           "no file of yours is replaced: choose another output folder")
+
+
 def prepare_root(root: Path, layout: Layout, record: dict[str, Any], resume: bool,
                  fsync: bool) -> None:
     """Rank 0 at the start of a run: refuse an existing dataset without ``resume``; else write
@@ -266,6 +316,8 @@ def prepare_root(root: Path, layout: Layout, record: dict[str, Any], resume: boo
     if existing is not None and not resume:
         raise DatasetError(f"{root} already holds a dataset ({existing}); pass resume "
                            "(--resume) to continue it, or choose another output folder")
+    if existing is None:
+        _refuse_foreign_files(root)
     try:
         root.mkdir(parents=True, exist_ok=True)
         if existing is None:

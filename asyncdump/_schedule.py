@@ -13,13 +13,23 @@ class Schedule:
 
     def __init__(self, layout: Layout, durable: Collection[int], rank: int, world: int):
         self.layout = layout
-        # Resume state while writing: one bit per image of the dataset (not a list of ints).
-        self._done = bytearray((layout.count + 7) // 8)
+        # Resume state while writing: one bit per image, only for the shards that have durable
+        # images (not a list of ints; a fresh run of any count allocates none).
+        self._done: dict[int, bytearray] = {}
+        mine_done = 0
         for index in durable:
-            self._done[index >> 3] |= 1 << (index & 7)
+            shard = layout.shard_of(index)
+            bits = self._done.get(shard)
+            if bits is None:
+                bits = self._done[shard] = bytearray((len(layout.shard_range(shard)) + 7) // 8)
+            offset = index - shard * layout.shard_size
+            bits[offset >> 3] |= 1 << (offset & 7)
+            mine_done += shard % world == rank
         self._shards = range(rank, layout.shards, world)  # this rank's shards
-        mine_done = sum(1 for i in durable if layout.shard_of(i) % world == rank)
-        self.remaining = sum(len(layout.shard_range(s)) for s in self._shards) - mine_done
+        last = layout.shards - 1  # the only shard that may be short
+        self.remaining = len(self._shards) * layout.shard_size - mine_done
+        if last % world == rank:
+            self.remaining -= layout.shard_size - len(layout.shard_range(last))
         self._shard_cursor = -1  # position in _shards of the shard whose indices are in _todo
         self._todo: list[int] = []  # pending indices of one shard at a time
         self._pos = 0  # next of _todo to submit
@@ -32,9 +42,15 @@ class Schedule:
             if self._shard_cursor >= len(self._shards):
                 self._todo, self._pos = [], 0
                 return self._todo
-            done = self._done
-            self._todo = [i for i in self.layout.shard_range(self._shards[self._shard_cursor])
-                          if not done[i >> 3] >> (i & 7) & 1]
+            shard = self._shards[self._shard_cursor]
+            indices = self.layout.shard_range(shard)
+            done = self._done.get(shard)
+            if done is None:
+                self._todo = list(indices)
+            else:
+                first = indices.start
+                self._todo = [i for i in indices
+                              if not done[(i - first) >> 3] >> ((i - first) & 7) & 1]
             self._pos = 0
         return self._todo
 

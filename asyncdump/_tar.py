@@ -91,5 +91,9 @@ class TarPart:
             fsync_folder(self.final.parent)
 
     def discard(self) -> None:
-        self.handle.close()
-        unlink_quietly(self.temp)
+        try:
+            self.handle.close()  # flushes what is buffered: may fail again on a full disk
+        except OSError:
+            pass
+        finally:
+            unlink_quietly(self.temp)

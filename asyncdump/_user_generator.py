@@ -8,13 +8,13 @@ contract of ``write_dataset``'s callable).
 from __future__ import annotations
 
 import importlib
-import json
 import os
 import sys
 from collections.abc import Callable
 from typing import Any
 
 from ._codecs import Codec
+from ._metadata import serialise
 from ._staging import inspect
 
 Generator = Callable[[list[int]], Any]
@@ -85,12 +85,11 @@ def split(result: Any, indices: list[int], codec: Codec,
                 or not all(isinstance(m, dict) for m in metadata):
             raise GeneratorError(f"returned metadata as {_describe(metadata)}; expected None or a "
                                  f"list of {count} dicts (one per image)")
-        try:
-            json.dumps(list(metadata))
-        except (TypeError, ValueError) as exc:
-            raise GeneratorError(f"returned metadata that is not JSON-serialisable: {exc}") \
-                from None
         metadata = list(metadata)
+        try:  # the check DatasetSink.submit makes on every later batch
+            serialise(metadata, count, tar=False, indices=indices)
+        except (TypeError, ValueError) as exc:
+            raise GeneratorError(f"returned metadata that cannot be written: {exc}") from None
     return images, metadata
 
 

@@ -28,6 +28,7 @@ Its parts: ``_manifest`` (names, ``dataset.json``, the manifest, resume state), 
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import json
 import os
 import time
@@ -44,6 +45,7 @@ from ._encoders import check_png_encoder
 from ._errors import AsyncDumpError, DatasetError
 from ._manifest import (
     MANIFEST_FILE,
+    MAX_COUNT,
     Layout,
     job_record,
     parts_done,
@@ -60,6 +62,7 @@ from ._stores import is_url
 __all__ = ["DatasetError", "DatasetSink", "DatasetSummary", "write_dataset"]
 
 MODES = ("files", "tar")
+MAX_WORKERS = 1024  # per rank: more is a typo, not a machine
 
 
 @dataclass(frozen=True)
@@ -119,9 +122,16 @@ class DatasetSink:
     ):
         self._closed = True
         _check_int("count", count)
+        if count > MAX_COUNT:
+            raise ValueError(f"count must be at most 2**53 = {MAX_COUNT} (indices stay exact "
+                             f"in every JSON reader), got {count}")
         _check_int("shard_size", shard_size)
         if shard_bytes is not None:
             _check_int("shard_bytes", shard_bytes)
+        if workers is not None:  # checked before anything is written (the sink starts later)
+            _check_int("workers", workers)
+            if workers > MAX_WORKERS:
+                raise ValueError(f"workers must be at most {MAX_WORKERS}, got {workers}")
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
         codec = get_codec(format)
@@ -176,6 +186,7 @@ class DatasetSink:
         self._schedule = Schedule(self.layout, entries.keys(), self.rank, self.world)
         del entries
         self._shape: tuple[int, ...] | None = None
+        self._depth: int | None = None  # bits per channel of the files: 8, or 16 (uint16)
         self._summary: DatasetSummary | None = None
 
         from ._sink import AsyncImageSink
@@ -259,17 +270,23 @@ class DatasetSink:
         if len(shape) != 4 or shape[0] != count:
             raise ValueError(f"images must be a (B, C, H, W) batch with B = len(indices) = {count}, "
                              f"got shape {shape or type(images).__name__}")
-        if self._shape is None:
-            self._shape = shape[1:]
-        elif shape[1:] != self._shape:
+        # uint16 is written as 16-bit files, every other dtype as 8-bit ones
+        depth = 16 if str(getattr(images, "dtype", "")).endswith("uint16") else 8
+        if self._shape is not None and shape[1:] != self._shape:
             raise ValueError(f"image shape {shape[1:]} differs from earlier batches' {self._shape}: "
                              "a dataset has one image shape")
-        metas = serialise(metadata, count, tar=self.mode == "tar")
+        if self._depth is not None and depth != self._depth:
+            raise ValueError(f"images of dtype {images.dtype} make {depth}-bit files, earlier "
+                             f"batches made {self._depth}-bit ones: a dataset has one pixel depth "
+                             f"({'uint16' if self._depth == 16 else 'not uint16'} like them)")
+        metas = serialise(metadata, count, tar=self.mode == "tar", indices=indices)
         future: concurrent.futures.Future[Any]
         if self.mode == "files":
             future = self._sink._submit_digest(images, [self.layout.file_name(i) for i in indices])
         else:
             future = self._sink._submit_digest(images, None)
+        # Fixed only by an accepted batch: one refused (say, for its dtype) fixes nothing.
+        self._shape, self._depth = shape[1:], depth
         _, channels, height, width = shape
         self._schedule.take(count)
         self._committer.put(future, indices, metas, f"[{height},{width},{channels}]")
@@ -294,8 +311,9 @@ class DatasetSink:
         local = (committer.written, committer.failed, committer.bytes)
         if not normal or committer.error is not None:
             if self.world == 1:  # a clean sorted manifest even after an error
-                write_merged_manifest(self.root, read_manifests(self.root, self.layout.count),
-                                      self.fsync)
+                with contextlib.suppress(OSError):  # a full disk: the appended one stays
+                    write_merged_manifest(self.root, read_manifests(self.root, self.layout.count),
+                                          self.fsync)
             self._summary = DatasetSummary(str(self.root), self.mode, local[0], self.skipped,
                                            local[1], local[2], seconds, False)
             self._ranks.release()

@@ -23,9 +23,9 @@ from .._stores import is_url
 PROG = "asyncdump generate"
 
 
-def _fail(message: str) -> int:
+def _fail(message: str, code: int = 2) -> int:
     print(f"{PROG}: error: {message}", file=sys.stderr)
-    return 2
+    return code
 
 
 BUILTIN_DEFAULTS = {"size": 64, "seed": 0, "device": "auto"}  # the built-in generator's options
@@ -84,6 +84,9 @@ def run(args: argparse.Namespace) -> int:
         _release_ranks(plan.owns_group)
         print(f"{PROG}: error: {exc.report()}", file=sys.stderr)
         return exc.exit_code
+    except AsyncDumpError as exc:  # the writer stopped (a full disk): the manifest is whole
+        _release_ranks(plan.owns_group)
+        return _fail(str(exc).splitlines()[0], code=1)
     _release_ranks(plan.owns_group)
     return _report(sink, plan.source)
 
@@ -100,15 +103,18 @@ def _builtin_plan(args: argparse.Namespace) -> _Plan | int:
 
     import torch
 
-    owns_group = _init_ranks()
     device = args.device
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda"):
+    problem = _device_problem(device, torch)
+    if problem is not None:
+        return _fail(problem)
+    if device == "cuda":  # one GPU per local rank; an explicit cuda:N is used as given
         local = int(os.environ.get("LOCAL_RANK", "0") or 0)
         device = f"cuda:{local % max(1, torch.cuda.device_count())}"
-    else:
+    elif device == "cpu":
         torch.set_num_threads(1)  # the other cores encode
+    owns_group = _init_ranks()
     batch_size = args.batch_size or synthetic.default_batch_size(args.size)
 
     def write(sink: Any) -> None:
@@ -119,6 +125,23 @@ def _builtin_plan(args: argparse.Namespace) -> _Plan | int:
 
     return _Plan({"generator": synthetic.GENERATOR_ID, "seed": args.seed, "size": args.size},
                  write, f"device {device}", owns_group)
+
+
+def _device_problem(device: str, torch: Any) -> str | None:
+    """Why the built-in generator cannot render on ``device`` (None: it can)."""
+    if device == "cpu":
+        return None
+    kind, _, number = device.partition(":")
+    if kind != "cuda" or (number and not number.isdigit()):
+        return f"--device must be auto, cpu, cuda or cuda:N, got {device!r}"
+    if not torch.cuda.is_available():
+        why = "this torch is built without CUDA" if torch.version.cuda is None \
+            else "no CUDA device is visible"
+        return f"--device {device}: {why}; use --device cpu (or auto)"
+    if number and int(number) >= torch.cuda.device_count():
+        return (f"--device {device}: there are {torch.cuda.device_count()} CUDA devices "
+                f"(cuda:0..cuda:{torch.cuda.device_count() - 1})")
+    return None
 
 
 def _user_plan(args: argparse.Namespace) -> _Plan | int:
@@ -219,8 +242,8 @@ def register(subparsers: Any) -> None:
     parser.add_argument("--batch-size", type=int, default=None,
                         help="images per batch (default: about 2 MPixel; 64 with --generator)")
     parser.add_argument("--device", default=None,
-                        help="built-in generator: auto (CUDA when available), cpu, cuda "
-                             "(default auto)")
+                        help="built-in generator: auto (CUDA when available), cpu, cuda, "
+                             "cuda:N (default auto)")
     parser.add_argument("--resume", action="store_true",
                         help="continue a killed run: skip the indices already in the manifest")
     parser.add_argument("--fsync", action="store_true",
