@@ -14,14 +14,18 @@ OLDEST_TESTS ?= tests/test_nan_positions.py tests/test_parity.py tests/test_enco
 
 .PHONY: install test test-oldest smoke-python lint demo bench bench-quick gpu-check clean
 
-# A new .venv whenever pyproject.toml or this file changes (never an old one reused), with the
-# newest releases that the declared ranges admit (--upgrade, eager): what a new user installs.
+# The install step re-runs whenever pyproject.toml or this file changes, and at least weekly (a
+# stamp older than 6 days is dropped), upgrading to the newest releases the declared ranges admit
+# (--upgrade, eager): what a new user installs. A torch already in .venv that TORCH_SPEC admits is
+# kept (a CPU build installed by hand, say); make test prints the versions it runs (asyncdump info).
+$(shell find $(STAMP) -mtime +6 -delete 2>/dev/null)
 $(STAMP): pyproject.toml Makefile
-	rm -rf $(VENV)
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "$(TORCH_SPEC)"
-	$(PY) -m pip install -q --upgrade --upgrade-strategy eager -e ".[dev]"
+	$(PY) -c "import torch; print('torch==' + torch.__version__)" > $(VENV)/torch-constraint.txt
+	$(PY) -m pip install -q --upgrade --upgrade-strategy eager -c $(VENV)/torch-constraint.txt \
+		-e ".[dev]"
 	touch $(STAMP)
 
 install: $(STAMP)
