@@ -62,7 +62,8 @@ def unlink_quietly(path: str | os.PathLike[str], dir_fd: int | None = None) -> N
         pass
 
 
-_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+_ROOT_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC  # root may be a symlink
+_DIR_FLAGS = _ROOT_FLAGS | os.O_NOFOLLOW
 
 
 class Folders:
@@ -88,33 +89,35 @@ class Folders:
 
     def forget(self, folder: str) -> None:
         """Drop a cached descriptor (its folder was removed: the next ``fd`` opens it again)."""
-        if not folder:
-            return
         fd = self._fds.pop(folder, None)
         if fd is not None:
             os.close(fd)
+        if not folder:  # the root was removed: every folder below it went with it
+            self.close()
 
     def close(self) -> None:
-        for folder in list(self._fds):
-            self.forget(folder)
-        root = self._fds.pop("", None)
-        if root is not None:
-            os.close(root)
+        while self._fds:
+            os.close(self._fds.popitem()[1])
 
     def _open(self, folder: str) -> int:
         if "" not in self._fds:
-            self._fds[""] = os.open(self.root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+            try:
+                self._fds[""] = os.open(self.root, _ROOT_FLAGS)
+            except FileNotFoundError:  # removed since the sink started: made again, as before
+                os.makedirs(self.root, exist_ok=True)
+                self._fds[""] = os.open(self.root, _ROOT_FLAGS)
         if not folder:
             return self._fds[""]
         if len(self._fds) > self._limit:  # e.g. one folder per image: keep the root only
             for name in [f for f in self._fds if f]:
-                self.forget(name)
+                os.close(self._fds.pop(name))
+        parts = folder.split("/")
+        if any(part in ("", ".", "..") for part in parts):
+            raise ValueError(f"folder {folder!r} has an empty, '.' or '..' component")
         parent = self._fds[""]
         fd = -1
         try:
-            for part in folder.split("/"):
-                if part in ("", ".", ".."):
-                    raise ValueError(f"folder {folder!r} has an empty, '.' or '..' component")
+            for part in parts:
                 try:
                     child = os.open(part, _DIR_FLAGS, dir_fd=parent)
                 except FileNotFoundError:

@@ -145,8 +145,8 @@ def _write_temp_below(folders: Folders, folder: str, temp: str, data: memoryview
     dir_fd = folders.fd(folder)
     try:
         write_temp(temp, data, fsync, dir_fd)
-    except FileNotFoundError:  # the folder was removed since it was opened: open it again
-        folders.forget(folder)
+    except FileNotFoundError:  # the folder (or root) was removed since it was opened
+        folders.forget("")  # open (or create) every folder again, from the root
         dir_fd = folders.fd(folder)
         write_temp(temp, data, fsync, dir_fd)
     return dir_fd
