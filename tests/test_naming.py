@@ -211,8 +211,8 @@ PLAIN_TEMPLATES = ["{index:08d}", "{index}", "run/{step}_{index:x}", "{step}-{ba
                    "r{rank}/{index:5}_{step:03d}"]
 
 
-@pytest.mark.parametrize("template", PLAIN_TEMPLATES + ["{step}_{batch}", "{index}{step}",
-                                                        "{index!s:.1}", "{tag}{index}"])
+@pytest.mark.parametrize("template", [*PLAIN_TEMPLATES, "{step}_{batch}", "{index}{step}",
+                                      "{index!s:.1}", "{tag}{index}"])
 def test_every_mix_of_template_and_names_is_checked_within_the_window(
         root: Path, template: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """A random mix of template batches and names= batches (names taken from what the
