@@ -12,7 +12,8 @@
                                           use, one worker each (so repeated saves to one path land
                                           in call order), overwrite=True; at most
                                           ``MAX_OPEN_SINKS`` open, the least recently used one is
-                                          closed in the background
+                                          closed in the background (a new sink for its folder
+                                          waits for that close: call order holds across it)
     flush()                               waits for every internal sink; also run at exit
 
 Writing to the user's exact path keeps the sink's path rules meaningful: the root is the
