@@ -18,6 +18,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NamedTuple
 
+from ._fsutil import temp_name
 from ._protocol import Item, JobSettings, RunJob
 
 PENDING, ENCODED, DONE = 0, 1, 2  # an image's state in its job
@@ -120,6 +121,7 @@ class StagedPart(NamedTuple):
 
 
 def temp_path(final: str, stamp: str, index: int) -> str:
-    """A hidden name in the target folder, unique per staged image."""
+    """A hidden name in the target folder, unique per staged image, made by ``temp_name`` (so
+    that cleanup recognises it, and at most 255 bytes whatever the length of ``final``)."""
     folder, _, base = final.rpartition(os.sep)
-    return f"{folder}{os.sep}.{base[:160]}.{stamp}-{index}.tmp"
+    return f"{folder}{os.sep}{temp_name(base, f'{stamp}-{index}')}"

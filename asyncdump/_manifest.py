@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from ._errors import DatasetError
-from ._fsutil import unlink_quietly
+from ._fsutil import is_temp_name, temp_name, unlink_quietly
 from ._tar import TAR_BLOCK, member_bytes
 
 DATASET_FILE = "dataset.json"
@@ -32,7 +32,6 @@ LAYOUT_VERSION = 1
 # Indices stay exact in every JSON reader (JavaScript's and others' numbers are doubles).
 MAX_COUNT = 2 ** 53
 _RANK_MANIFEST = re.compile(r"^manifest\.rank(\d+)\.jsonl$")
-_TEMP_NAME = re.compile(r"^\..*\.tmp$")
 
 
 @dataclass(frozen=True)
@@ -112,7 +111,7 @@ def holds_dataset(root: Path) -> str | None:
 
 
 def write_atomically(path: Path, text: str, fsync: bool = False) -> None:
-    temp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    temp = path.with_name(temp_name(path.name, str(os.getpid())))
     try:
         with open(temp, "w", encoding="utf-8") as handle:
             handle.write(text)
@@ -271,12 +270,13 @@ def parts_done(layout: Layout, entries: Iterable[dict[str, Any]]) -> dict[int, i
 
 
 def remove_temp_files(root: Path) -> int:
-    """Delete hidden ``.*.tmp`` files a killed run left (top level and shard folders)."""
+    """Delete the temporary files a killed run left (top level and shard folders): only names
+    asyncdump makes (``is_temp_name``), never a user's own hidden ``.*.tmp`` files."""
     removed = 0
     folders = [root] + [p for p in root.iterdir() if p.is_dir() and p.name.isdigit()]
     for folder in folders:
         for path in folder.iterdir():
-            if _TEMP_NAME.match(path.name) and path.is_file():
+            if is_temp_name(path.name) and path.is_file():
                 with contextlib.suppress(OSError):
                     path.unlink()
                     removed += 1

@@ -67,6 +67,8 @@ class JobSettings(NamedTuple):
     return_bytes: bool = False  # encode only: send the file's bytes home instead of writing
     sha256: bool = False  # hash each file and send the digest home
     store: Any = None  # a _stores.StoreSpec: PUT each file to this object store instead
+    root: str = ""  # the sink's root: every path is below it, written relative to its folder fds
+    overwrite: bool = True  # False: never replace an existing file (FileExistsError)
 
 
 class Item(NamedTuple):

@@ -41,7 +41,7 @@ from ._encoders import FPNG, check_png_encoder, encoder_for
 from ._errors import AsyncDumpError, BufferFullError, describe_failures
 from ._handover import HandOver
 from ._jobs import BatchRecord, NotStaged, StagedPart
-from ._naming import Namer
+from ._naming import Namer, PlainBatch, checked_step
 from ._protocol import GridSpec, JobSettings
 from ._signals import deferred_sigint
 from ._staging import Batch, Conversion, copy_into_buffer, inspect
@@ -116,6 +116,7 @@ class AsyncImageSink:
         self.on_error = on_error
         self.fsync = bool(fsync)
         self._namer = Namer(self.root, name, suffix, overwrite=overwrite)
+        self._root_str = str(self.root)
         self._token = f"{os.getpid()}-{next(_serial)}"
         self._next_index = 0
         self._created = time.perf_counter()
@@ -191,6 +192,7 @@ class AsyncImageSink:
         self._check_usable()
         self._deliver_failures(raise_now=True)
         batch = images if isinstance(images, Batch) else inspect(images, self._codec)
+        step = checked_step(step)
         if batch.image_bytes > self._buffer.capacity_bytes:
             raise ValueError(f"one image is {batch.image_bytes} bytes, more than max_buffer_bytes="
                              f"{self._buffer.capacity_bytes}; raise max_buffer_bytes")
@@ -204,7 +206,7 @@ class AsyncImageSink:
             done: concurrent.futures.Future[list[Path]] = concurrent.futures.Future()
             done.set_result([])
             return done
-        paths: list[str] | Callable[[], list[str]] | None
+        paths: list[str] | Callable[[], list[str]] | PlainBatch | None
         if encode_only:
             paths = functools.partial(_encoded_labels, batch.count)
         else:  # a plain template's names are rendered by the collector, off this thread
@@ -217,7 +219,8 @@ class AsyncImageSink:
             batch.spec(encoder, None)._replace(grid=grid, rule=None)
         settings = JobSettings(spec, batch.image_bytes, self._codec.extension,
                                self._params, self.fsync and self._store is None, encode_only, digest,
-                               None if encode_only else self._store)
+                               None if encode_only else self._store, self._root_str,
+                               self._namer.overwrite)
         record = BatchRecord(paths, batch.count, encode_only, digest)
         per_part = max(1, min(batch.count, self._buffer.capacity_bytes // batch.image_bytes,
                               self._buffer.max_images))
@@ -231,7 +234,7 @@ class AsyncImageSink:
                     if offset is not None:
                         try:
                             self._stage(batch, record, settings, staged, count, offset,
-                                        first=staged == 0, names=names)
+                                        first=staged == 0, naming=(paths, names))
                         except BaseException:
                             self._buffer.release(offset, nbytes, count)
                             raise
@@ -251,7 +254,8 @@ class AsyncImageSink:
         return record.future
 
     def _stage(self, batch: Batch, record: BatchRecord, settings: JobSettings, start: int,
-               count: int, offset: int, first: bool, names: Sequence[str] | None) -> None:
+               count: int, offset: int, first: bool,
+               naming: tuple[Any, Sequence[str] | None]) -> None:
         """Copy images ``start:start+count`` to ``offset``, cut them into jobs, hand them over
         (CUDA: once the copy is done); the first part also accepts the batch."""
         keepalive = event = None
@@ -269,8 +273,7 @@ class AsyncImageSink:
                           f"{self._token}-{next(_serial)}")  # the collector cuts it into jobs
         if first:
             if not settings.return_bytes:
-                if self._namer.tracks(names):
-                    self._namer.record(record.paths, names)
+                self._namer.record(*naming)  # a plain batch is remembered without rendering it
                 self._next_index += record.count
             self._accounting.accept(record)
         if event is None:

@@ -6,7 +6,7 @@ import os
 import tarfile
 from pathlib import Path
 
-from ._fsutil import fsync_folder, unlink_quietly
+from ._fsutil import fsync_folder, temp_name, unlink_quietly
 
 TAR_BLOCK = 512
 WRITE_BUFFER = 1 << 20
@@ -60,7 +60,7 @@ class TarPart:
     def __init__(self, root: Path, name: str, shard: int):
         self.name, self.shard = name, shard
         self.final = root / name
-        self.temp = root / f".{name}.tmp"
+        self.temp = root / temp_name(name, str(os.getpid()))
         # A 1 MiB buffer: one write(2) per ~20 images instead of one or two per member
         # (measured: 24 -> 12 us of parent CPU per 256² image with three members).
         self.handle = open(self.temp, "wb", buffering=WRITE_BUFFER)  # noqa: SIM115 (closed in finish/discard)

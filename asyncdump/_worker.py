@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import errno
 import hashlib
 import mmap
 import os
@@ -26,7 +27,7 @@ import cv2
 import numpy as np
 
 from asyncdump._convert import to_image, to_opencv_image
-from asyncdump._fsutil import fsync_folder, unlink_quietly
+from asyncdump._fsutil import Folders, rename_noreplace, unlink_quietly
 from asyncdump._protocol import (
     Encoded,
     EncodedBytes,
@@ -95,8 +96,11 @@ def _keep_freed_memory() -> None:
     mallopt(_M_TRIM_THRESHOLD, _TRIM_THRESHOLD_BYTES)
 
 
-def _open_new(temp: str) -> int:
-    flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC
+def _open_new(temp: str, dir_fd: int | None) -> int:
+    # O_NOFOLLOW: a symlink planted at the temp name is refused, never written through.
+    flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC | os.O_NOFOLLOW
+    if dir_fd is not None:  # the folder is open already (Folders created it)
+        return os.open(temp, flags, 0o666, dir_fd=dir_fd)
     try:
         return os.open(temp, flags, 0o666)
     except FileNotFoundError:  # the folder is created on first use (or again, if removed)
@@ -104,12 +108,13 @@ def _open_new(temp: str) -> int:
         return os.open(temp, flags, 0o666)
 
 
-def write_temp(temp: str, data: memoryview, fsync: bool) -> None:
-    """Write ``data`` to ``temp`` (created, or truncated), fsynced if asked; no partial file
-    is left on failure. The bench's plain processes call it too, to do exactly this work."""
+def write_temp(temp: str, data: memoryview, fsync: bool, dir_fd: int | None = None) -> None:
+    """Write ``data`` to ``temp`` (created, or truncated; relative to ``dir_fd`` when given),
+    fsynced if asked; no partial file is left on failure. The bench's plain processes call it
+    too, to do exactly this work."""
     # os.open/os.write: Python's open() adds an fstat, an isatty ioctl and an lseek per file.
     try:
-        fd = _open_new(temp)
+        fd = _open_new(temp, dir_fd)
         try:
             done = 0
             while done < len(data):
@@ -119,8 +124,75 @@ def write_temp(temp: str, data: memoryview, fsync: bool) -> None:
         finally:
             os.close(fd)
     except BaseException:
-        unlink_quietly(temp)
+        unlink_quietly(temp, dir_fd=dir_fd)
         raise
+
+
+_folders: dict[str, Folders] = {}  # by root: its folders, each opened once (no symlinks below it)
+
+
+def _folder_of(root: str, final: str) -> tuple[Folders, str, str]:
+    """(the root's Folders, the folder of ``final`` relative to root, the file name)."""
+    folders = _folders.get(root)
+    if folders is None:
+        folders = _folders[root] = Folders(root)
+    if not final.startswith(root + os.sep):
+        raise ValueError(f"{final} is not below the sink's root {root}")
+    folder, _, base = final[len(root) + 1:].rpartition("/")
+    return folders, folder, base
+
+
+def _write_temp_below(folders: Folders, folder: str, temp: str, data: memoryview,
+                      fsync: bool) -> int:
+    """Write the temp file relative to its folder's descriptor; returns that descriptor."""
+    dir_fd = folders.fd(folder)
+    try:
+        write_temp(temp, data, fsync, dir_fd)
+    except FileNotFoundError:  # the folder (or root) was removed since it was opened
+        folders.forget("")  # open (or create) every folder again, from the root
+        dir_fd = folders.fd(folder)
+        write_temp(temp, data, fsync, dir_fd)
+    return dir_fd
+
+
+def _rename_into_place(settings: JobSettings, dir_fd: int, temp: str, base: str,
+                       data: memoryview, final: str) -> None:
+    try:
+        if settings.overwrite:
+            os.replace(temp, base, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+        else:
+            _place_new(temp, base, dir_fd, data, final)
+    except BaseException:
+        unlink_quietly(temp, dir_fd=dir_fd)
+        raise
+    if settings.fsync:
+        os.fsync(dir_fd)
+
+
+def _place_new(temp: str, base: str, dir_fd: int, data: memoryview, final: str) -> None:
+    """Rename without replacing: an existing file is an error, unless it already holds these
+    very bytes (this image, written by a worker that died before reporting it)."""
+    try:
+        rename_noreplace(temp, base, dir_fd)
+    except FileExistsError:
+        if not _holds(base, dir_fd, data):
+            raise FileExistsError(errno.EEXIST, "a file is already there; overwrite=False never "
+                                  "replaces an existing file (pass overwrite=True to allow it)",
+                                  final) from None
+        unlink_quietly(temp, dir_fd=dir_fd)
+
+
+def _holds(name: str, dir_fd: int, data: memoryview) -> bool:
+    try:
+        fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd)
+    except OSError:
+        return False
+    try:
+        if os.fstat(fd).st_size != len(data):
+            return False
+        return os.read(fd, len(data) + 1) == data
+    finally:
+        os.close(fd)
 
 
 def _report(conn: Connection, message: Report) -> None:
@@ -194,16 +266,13 @@ def run_job(conn: Connection, buffer: np.ndarray, job: RunJob) -> None:
                 _store(settings.store).put(final, _as_bytes(encoded), settings.store.overwrite)
                 _report(conn, Written(job.job_id, i, encoded.nbytes, sha))
                 continue
-            write_temp(temp, encoded, settings.fsync)
+            # Relative to the folder's descriptor: no symlink swapped in below root redirects it.
+            folders, folder, base = _folder_of(settings.root, final)
+            temp_base = temp.rpartition(os.sep)[2]
+            dir_fd = _write_temp_below(folders, folder, temp_base, encoded, settings.fsync)
             if settings.fsync:  # the pixels may be reused before the slow fsyncs are done
                 _report(conn, Encoded(job.job_id, i))
-            try:
-                os.replace(temp, final)
-            except BaseException:
-                unlink_quietly(temp)
-                raise
-            if settings.fsync:
-                fsync_folder(os.path.dirname(final))
+            _rename_into_place(settings, dir_fd, temp_base, base, encoded, final)
             _report(conn, Written(job.job_id, i, encoded.nbytes, sha))
         except (SystemExit, KeyboardInterrupt):
             raise

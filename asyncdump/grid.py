@@ -18,7 +18,8 @@
                                         use, one worker each (so repeated saves to one path land
                                         in call order), overwrite=True; at most
                                         ``MAX_OPEN_SINKS`` open, the least recently used one is
-                                        closed in the background
+                                        closed in the background (a new sink for its folder
+                                        waits for that close: call order holds across it)
     flush()                             waits for every internal sink; also run at exit
 
 Writing to the user's exact path keeps the sink's path rules meaningful: the root is the
@@ -323,6 +324,9 @@ class _Sinks:
         self.pid = os.getpid()
         self.open: OrderedDict[tuple[str, str, str], AsyncImageSink] = OrderedDict()
         self.closing: list[tuple[threading.Thread, list[BaseException]]] = []
+        # The threads closing sinks, by folder: a new sink for that folder waits for them, so
+        # that saves to one path land in call order across an eviction.
+        self.closing_in: dict[str, list[threading.Thread]] = {}
 
     def check_process(self) -> None:
         """After fork the parent's sinks (their threads, their workers) are not ours."""
@@ -330,6 +334,7 @@ class _Sinks:
             self.pid = os.getpid()
             self.open = OrderedDict()
             self.closing = []
+            self.closing_in = {}
 
     def sink_for(self, folder: str, key: str, suffix: str, nbytes: int) -> AsyncImageSink:
         """The open sink for this key (caller holds ``lock``), created or enlarged as needed."""
@@ -337,12 +342,14 @@ class _Sinks:
         sink = self.open.get(index)
         if sink is not None and sink.max_buffer_bytes < nbytes:
             del self.open[index]
-            self._close_later(sink)
+            self._close_later(folder, sink)
             sink = None
         if sink is None:
             while len(self.open) >= MAX_OPEN_SINKS:
-                _, oldest = self.open.popitem(last=False)
-                self._close_later(oldest)
+                (old_folder, _, _), oldest = self.open.popitem(last=False)
+                self._close_later(old_folder, oldest)
+            for thread in self.closing_in.pop(folder, []):
+                thread.join()  # the earlier saves to this folder land first
             sink = AsyncImageSink(folder, workers=1, format=key,
                                   quality=PIL_DEFAULT_QUALITY.get(key),
                                   max_buffer_bytes=max(SINK_BUFFER_BYTES, 2 * nbytes),
@@ -351,7 +358,7 @@ class _Sinks:
         self.open.move_to_end(index)
         return sink
 
-    def _close_later(self, sink: AsyncImageSink) -> None:
+    def _close_later(self, folder: str, sink: AsyncImageSink) -> None:
         errors: list[BaseException] = []
 
         def close() -> None:
@@ -363,6 +370,10 @@ class _Sinks:
         thread = threading.Thread(target=close, name="asyncdump-grid-close")
         thread.start()
         self.closing.append((thread, errors))
+        for name in [f for f, threads in self.closing_in.items()
+                     if not any(t.is_alive() for t in threads)]:
+            del self.closing_in[name]  # closed already: nothing to wait for
+        self.closing_in.setdefault(folder, []).append(thread)
 
     def flush(self, timeout: float | None) -> None:
         with self.lock:

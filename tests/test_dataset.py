@@ -17,6 +17,7 @@ import torch
 from helpers import POISON, install_poison_harness, read_rgb
 
 from asyncdump import DatasetError, DatasetSink, write_dataset
+from asyncdump._fsutil import temp_name
 
 
 class TinyModel(torch.nn.Module):
@@ -131,9 +132,9 @@ def test_resume_writes_only_the_missing_and_cleans_up(tmp_path: Path) -> None:
             write_dataset(failing, partial, **options)
         done = {e["index"] for e in lines(partial)}
         assert done == (set(range(12)) if mode == "files" else set(range(8)))  # whole shards in tar
-        (partial / ".shard-000009.tar.tmp").write_bytes(b"half a shard")
+        (partial / temp_name("shard-000009.tar", "123")).write_bytes(b"half a shard")
         (partial / "000001").mkdir(exist_ok=True)
-        (partial / "000001" / ".000000013.png.123-4-5.tmp").write_bytes(b"half a file")
+        (partial / "000001" / temp_name("000000013.png", "123-4-5")).write_bytes(b"half a file")
         asked: list[int] = []
 
         def recording(indices: list[int], asked: list[int] = asked) -> tuple[torch.Tensor, list[dict]]:

@@ -160,3 +160,120 @@ def test_a_batch_record_renders_deferred_paths_once_on_first_use() -> None:
     assert calls == [] and record.count == record.remaining == 2
     assert record.paths == ["/r/a.png", "/r/b.png"] and record.paths is record.paths
     assert calls == [1]
+
+
+# ------------------------------------------------------------------ issue 19: item 5
+def test_template_paths_and_explicit_names_are_checked_against_each_other(root: Path) -> None:
+    with AsyncImageSink(root, workers=1) as sink:
+        sink.submit(IMG).result(timeout=30)  # 00000000.png, 00000001.png by the template
+        with pytest.raises(ValueError, match="already submitted"):
+            sink.submit(IMG[:1], names=["00000001"])
+        sink.submit(IMG[:1], names=["00000004"]).result(timeout=30)  # index 2: a free name
+        sink.submit(IMG[:1]).result(timeout=30)  # index 3: 00000003
+        with pytest.raises(ValueError, match="already submitted"):
+            sink.submit(IMG)  # indices 4 and 5: 00000004 was given by names=
+        assert sink.stats.submitted == 4
+    assert sorted(p.name for p in root.iterdir()) == [f"0000000{i}.png" for i in (0, 1, 3, 4)]
+
+
+def test_truncating_format_specs_are_not_unique_by_construction(root: Path) -> None:
+    with AsyncImageSink(root, workers=1, name="{index!s:.1}") as sink:
+        with pytest.raises(ValueError, match="two images of this batch"):
+            sink.submit(np.zeros((12, 1, 4, 4), np.uint8))  # 10 and 11 both give "1"
+        sink.submit(np.zeros((10, 1, 4, 4), np.uint8)).result(timeout=30)  # 0..9
+        with pytest.raises(ValueError, match="already submitted"):
+            sink.submit(IMG[:1])  # index 10 gives "1" again
+    assert len(list(root.iterdir())) == 10
+
+
+def test_adjacent_fields_are_not_unique_by_construction(root: Path) -> None:
+    """"{index}{step}": index 1 at step 11 and index 11 at step 1 are both "111"."""
+    assert not _naming.is_plain_template("{index}{step}")
+    with AsyncImageSink(root, workers=1, name="{index}{step}") as sink:
+        sink.submit(IMG[:1], step=0)
+        sink.submit(IMG[:1], step=11)  # index 1: "111"
+        for _ in range(9):
+            sink.submit(IMG[:1], step=5)  # indices 2..10
+        with pytest.raises(ValueError, match="already submitted"):
+            sink.submit(IMG[:1], step=1)  # index 11: "111"
+
+
+@pytest.mark.parametrize(("template", "plain"), [
+    ("{step}{index}", False), ("{index:x}a{step}", False),  # "a" is a hex digit
+    ("{index:x}g{step}", True), ("{index:5}-{step}", False),  # spaces then a sign: "-" is ambiguous
+    ("{step}-{index}", True), ("{step:05d}-{index}", True),  # a sign comes first, or not at all
+])
+def test_plain_templates_split_back_into_their_fields(template: str, plain: bool) -> None:
+    assert _naming.is_plain_template(template) is plain
+
+
+PLAIN_TEMPLATES = ["{index:08d}", "{index}", "run/{step}_{index:x}", "{step}-{batch}-{index:b}",
+                   "r{rank}/{index:5}_{step:03d}"]
+
+
+@pytest.mark.parametrize("template", [*PLAIN_TEMPLATES, "{step}_{batch}", "{index}{step}",
+                                      "{index!s:.1}", "{tag}{index}"])
+def test_every_mix_of_template_and_names_is_checked_within_the_window(
+        root: Path, template: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A random mix of template batches and names= batches (names taken from what the
+    template gives, so clashes are frequent): a path equal to one of the last RECENT_PATHS
+    accepted images is always refused; a path never accepted before is never refused."""
+    window = 24
+    monkeypatch.setattr(_naming, "RECENT_PATHS", window)
+    rng = np.random.default_rng(abs(hash(template)) % 2**32)
+    namer = _naming.Namer(root, template, ".png")
+    root.mkdir()
+    accepted: list[str] = []  # one per image, in index order
+    render = _naming.Namer(root, template, ".png", overwrite=True)
+    next_index = refused = 0
+    for _ in range(400):
+        count = int(rng.integers(1, 5))
+        step, tag = int(rng.integers(-3, 13)), str(rng.integers(0, 3))
+        names = None
+        if rng.random() < 0.4:  # names the template gives for nearby indices and steps
+            names = [os.path.relpath(render.paths(1, start_index=int(rng.integers(
+                max(0, next_index - 30), next_index + 30)), step=int(rng.integers(-3, 13)),
+                names=None, fields={"tag": tag})[0], root)[:-4] for _ in range(count)]
+        expected = render.paths(count, start_index=next_index, step=step, names=names,
+                                fields={"tag": tag})
+        recent = set(accepted[-window:])
+        clash_recent = bool(recent & set(expected)) or len(set(expected)) < count
+        clash_ever = bool(set(accepted) & set(expected)) or len(set(expected)) < count
+        try:
+            plain = namer.plain_paths(count, start_index=next_index, step=step, names=names) \
+                if template in PLAIN_TEMPLATES else None
+            paths = plain if plain is not None else namer.paths(
+                count, start_index=next_index, step=step, names=names, fields={"tag": tag})
+        except ValueError:
+            assert clash_ever, (template, next_index, step, names, expected)
+            refused += 1
+            continue
+        assert not clash_recent, (template, next_index, step, names, expected)
+        namer.record(paths, names)
+        assert (paths() if callable(paths) else paths) == expected
+        accepted += expected
+        next_index += count
+    assert refused >= 5  # the mix did clash within the window
+
+
+# ------------------------------------------------------------------ issue 19: item 9
+def test_names_are_budgeted_in_bytes(root: Path) -> None:
+    """80 CJK characters are 240 bytes: a legal name, whose temp name must fit 255 bytes."""
+    cjk = "\u4e2d" * 80
+    undecodable = os.fsdecode(b"raw\xff")  # a Linux name that is not UTF-8: still writable
+    with AsyncImageSink(root, workers=1) as sink:
+        paths = sink.submit(IMG, names=[cjk, undecodable]).result(timeout=30)
+        assert [p.name for p in paths] == [cjk + ".png", undecodable + ".png"]
+        assert all(p.is_file() for p in paths)
+        for bad, why in [("a\ud800", "lone surrogate"), ("x" * 252, "256 bytes"),
+                         ("ok/" + "\u4e2d" * 84, "256 bytes")]:
+            with pytest.raises(ValueError, match=why):
+                sink.submit(IMG[:1], names=[bad])
+        assert sink.stats.submitted == 2
+    with AsyncImageSink(root / "t", workers=1, name="{tag}_{index}") as sink, \
+            pytest.raises(ValueError, match="bytes"):
+        sink.submit(IMG[:1], tag="\u4e2d" * 85)
+    namer = _naming.Namer(root, "x" * 200 + "{index:b}", ".png")
+    assert namer.plain_paths(4, start_index=0, step=None, names=None) is not None
+    with pytest.raises(ValueError, match="264 bytes"):  # only the batch's last name is too long
+        namer.plain_paths(2**60, start_index=0, step=None, names=None)

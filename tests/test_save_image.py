@@ -11,6 +11,7 @@ and in PIL mode (RGB / RGBA).
 from __future__ import annotations
 
 import math
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -275,15 +276,21 @@ def test_file_objects_are_refused_with_the_reason(tmp_path: Path) -> None:
 
 
 def test_failure_reaches_future_and_flush(tmp_path: Path) -> None:
-    target = tmp_path / ("x" * 300 + ".png")  # the final rename fails: name too long
-    future = asyncdump.save_image(X, target)
-    with pytest.raises(AsyncDumpError, match="File name too long"):
+    with pytest.raises(ValueError, match="at most 255"):  # can never be written: at the call
+        asyncdump.save_image(X, tmp_path / ("x" * 300 + ".png"))
+    folder = tmp_path / "out"
+    folder.mkdir()
+    asyncdump.save_image(X, folder / "a.png").result(timeout=30)
+    shutil.rmtree(folder)
+    folder.write_bytes(b"")  # the sink's folder is now a file: the write fails in the worker
+    future = asyncdump.save_image(X, folder / "b.png")
+    with pytest.raises(AsyncDumpError, match="Not a directory"):
         future.result(timeout=30)
-    with pytest.raises(AsyncDumpError, match="File name too long"):
+    with pytest.raises(AsyncDumpError, match="Not a directory"):
         asyncdump.flush()
     asyncdump.flush()  # reported once
     asyncdump.save_image(X, tmp_path / "fine.png").result(timeout=30)  # still usable
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["fine.png"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["fine.png", "out"]
 
 
 def test_many_folders_close_old_sinks_and_write_everything(tmp_path: Path) -> None:
@@ -351,3 +358,20 @@ def test_float32_and_uint8_grids_are_tiled_by_the_worker(tmp_path: Path,
         expected = golden(tensor, **kwargs) if tensor.dtype != torch.uint8 else \
             golden(tensor.float() / 255, **kwargs)
         np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / f"{k}.png")), expected)
+
+
+@pytest.mark.timeout(120)
+def test_saves_to_one_path_land_in_call_order_across_an_eviction(tmp_path: Path) -> None:
+    """Issue 19, item 6: saves queued to A/latest.webp, then saves to 4 other folders close
+    A's sink in the background; the last save to A/latest.webp (black) must still win."""
+    latest = tmp_path / "A" / "latest.webp"
+    latest.parent.mkdir()
+    noise = torch.rand(3, 512, 512, generator=torch.Generator().manual_seed(0))
+    for _ in range(40):  # slow to encode: A's sink is still busy when it is evicted
+        asyncdump.save_image(noise, latest)
+    for i in range(grid.MAX_OPEN_SINKS):
+        (tmp_path / f"other{i}").mkdir()
+        asyncdump.save_image(torch.ones(3, 4, 4), tmp_path / f"other{i}" / "x.webp")
+    asyncdump.save_image(torch.zeros(3, 512, 512), latest)
+    asyncdump.flush()
+    assert np.asarray(Image.open(latest)).max() <= 2  # black (lossy WebP: within 2)
