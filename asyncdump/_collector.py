@@ -1,8 +1,8 @@
 """The collector thread: it alone owns the workers, the pending jobs, probes and restarts.
 
-    wait on [hand-over pipe, every worker socket]
+    wait on [hand-over pipe, every worker socket (and its writability while a send waits)]
       handed-over parts -> cut into jobs -> pending queue -> sent to the least busy worker
-                           (two jobs each at most)
+                           (two jobs each at most; sends never block, see _pool.py)
       NotStaged        -> its images fail (they never reached the buffer)
       Encoded          -> release that image's bytes (its temp file is complete)
       Written / Failed -> count, resolve the batch's Future when its last image is done
@@ -43,6 +43,7 @@ from ._protocol import (
 MAX_JOB_ATTEMPTS = 3  # a job whose worker dies this often fails instead of looping
 MAX_START_FAILURES = 3  # workers dying before Ready this often in a row break the sink
 JOBS_PER_WORKER = 2  # one being written, one waiting in the pipe
+MAX_JOB_IMAGES = 256  # bounds a job's message, and what a worker's death puts back in the queue
 
 Modules = dict[int, list[str]]
 
@@ -134,7 +135,8 @@ class Collector:
     def _loop(self) -> None:
         while True:
             by_conn = {w.conn: w for w in self._workers}
-            readable = self._handover.wait(list(by_conn))
+            sending = [w.conn for w in self._workers if not self._send_pending(w)]
+            readable = self._handover.wait(list(by_conn), sending)
             self._take_handed_over()  # new work first: its send releases the GIL to the producer
             for conn in readable:
                 self._drain(by_conn[conn])
@@ -149,6 +151,14 @@ class Collector:
                 if not self._pending and not self._handover and not any(
                         w.inflight for w in self._workers):
                     return
+
+    @staticmethod
+    def _send_pending(worker: WorkerProcess) -> bool:
+        """Send what the worker's socket takes now; True if nothing is left to send."""
+        try:
+            return worker.send_pending()
+        except OSError:  # it died: reading its socket reports the EOF
+            return True
 
     def _take_handed_over(self) -> None:
         self._pending.extend(self._handed_over())
@@ -176,7 +186,7 @@ class Collector:
             if len(worker.inflight) >= JOBS_PER_WORKER:
                 return
             try:
-                worker.conn.send(job.order())
+                worker.post(job.order())  # never waits: the worker may be blocked reporting
             except OSError:
                 return  # the worker is dying: its EOF is handled next round
             self._pending.popleft()
@@ -269,7 +279,7 @@ class Collector:
         self._probes[probe_id] = (request, {}, {w.pid for w in self._workers})
         for worker in self._workers:
             with contextlib.suppress(OSError):  # dying: its EOF ends its part of the probe
-                worker.conn.send(Probe(probe_id))
+                worker.post(Probe(probe_id))
 
     def _probe_answered(self, probe_id: int, pid: int) -> None:
         """``pid`` answered or died: resolve the probe once no live worker owes an answer."""
@@ -283,7 +293,7 @@ class Collector:
     def _on_worker_death(self, worker: WorkerProcess) -> None:
         """Finish what the dead worker had encoded, re-queue the rest, start a replacement."""
         noticed = time.perf_counter()
-        worker.conn.close()
+        worker.close()
         exit_code = worker.process.wait()
         self._workers.remove(worker)
         for probe_id in list(self._probes):  # it will never answer
@@ -346,7 +356,7 @@ class Collector:
         stop_workers(self._workers, timeout=0.0, close=False)
         for worker in self._workers:
             self._handle_reports(worker)
-            worker.conn.close()
+            worker.close()
         self._pending.extend(self._handed_over())
         jobs = list(self._pending) + [job for w in self._workers for job in w.inflight.values()]
         self._pending.clear()

@@ -15,7 +15,7 @@ import os
 import select
 import threading
 from collections import deque
-from collections.abc import Iterable, Sequence
+from collections.abc import Collection, Iterable, Sequence
 from multiprocessing.connection import Connection
 from typing import Any
 
@@ -36,6 +36,7 @@ class HandOver:
         self._poll = select.poll()
         self._poll.register(self._reader, select.POLLIN)
         self._polled: dict[int, Connection] = {}
+        self._writing: set[int] = set()  # polled for POLLOUT too
 
     def put(self, items: Iterable[Any]) -> None:
         """Queue jobs (or NotStaged records) for the collector."""
@@ -50,28 +51,30 @@ class HandOver:
             if not self._closed:
                 _write_keeping_the_gil(self._writer)
 
-    def wait(self, conns: Sequence[Connection]) -> list[Connection]:
-        """Collector: sleep until a worker socket is readable or something is handed over.
+    def wait(self, conns: Sequence[Connection], sending: Collection[Connection] = ()) -> list[Connection]:
+        """Collector: sleep until a worker socket is readable, one in ``sending`` (with bytes
+        waiting to go out) is writable, or something is handed over.
 
         Returns the readable sockets; it does not sleep while jobs are ready.
         """
         by_fd = {conn.fileno(): conn for conn in conns}
-        if by_fd.keys() != self._polled.keys():  # a worker started or died: re-register
-            for fd in self._polled.keys() - by_fd.keys():
+        writing = {conn.fileno() for conn in sending}
+        if by_fd.keys() != self._polled.keys() or writing != self._writing:
+            for fd in self._polled.keys() - by_fd.keys():  # a worker died
                 self._poll.unregister(fd)
-            for fd in by_fd.keys() - self._polled.keys():
-                self._poll.register(fd, select.POLLIN)
-            self._polled = by_fd
+            for fd in by_fd:  # register() of a registered fd modifies its mask
+                self._poll.register(fd, select.POLLIN | (select.POLLOUT if fd in writing else 0))
+            self._polled, self._writing = by_fd, writing
         # From here on producers must wake us; anything queued before is seen right now.
         self._may_sleep = True
         events = self._poll.poll(0 if self._ready else None)
         self._may_sleep = False  # awake: new jobs are picked up without a wake-up
         readable = []
-        for fd, _ in events:  # POLLIN, or POLLHUP/POLLERR: reading then reports EOF
+        for fd, event in events:  # POLLIN, or POLLHUP/POLLERR: reading then reports EOF
             if fd == self._reader:
                 with contextlib.suppress(BlockingIOError):
                     os.read(self._reader, 65536)
-            else:
+            elif event != select.POLLOUT:  # POLLOUT alone only woke us to send
                 readable.append(by_fd[fd])
         return readable
 

@@ -4,6 +4,12 @@ Workers are plain ``python -m asyncdump._worker`` processes (``subprocess.Popen`
 ``pass_fds``), not multiprocessing children: spawn/forkserver would re-import the user's
 ``__main__`` (torch included, and scripts without a main guard break), and fork is unsafe once
 CUDA is initialised. Each worker gets one socket (jobs in, results out) and the buffer's fd.
+
+The parent never blocks on a send: a worker may itself be blocked sending reports, which only
+the collector reads, so a blocking send of a large job deadlocks both. Messages go to a
+per-worker outbox, framed as ``Connection`` frames them, and leave with ``MSG_DONTWAIT`` as the
+socket accepts them; the collector waits for the socket to be writable while an outbox holds
+bytes.
 """
 
 from __future__ import annotations
@@ -13,11 +19,13 @@ import os
 import select
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
+from multiprocessing.reduction import ForkingPickler
 from pathlib import Path
 from typing import Any
 
@@ -33,11 +41,13 @@ class WorkerProcess:
     """One worker: its process, the parent's end of its socket, and the jobs it holds."""
 
     process: subprocess.Popen[bytes]
-    conn: Connection
+    conn: Connection  # reports in (blocking reads, only when poll says readable)
+    sock: socket.socket  # the same socket, for sends that never wait
     inflight: dict[int, Any] = field(default_factory=dict)  # job id -> Job (collector-owned)
     inflight_images: int = 0
     ready: bool = False  # it imported cv2, mapped the buffer and said so
     replaces_death_at: float | None = None  # perf_counter when the worker it replaces died
+    outbox: bytearray = field(default_factory=bytearray)  # framed messages not yet sent
 
     def __post_init__(self) -> None:
         # Connection.poll() builds a selector per call (~10 us); a poll object is made once.
@@ -51,6 +61,30 @@ class WorkerProcess:
     def has_reports(self) -> bool:
         """Whether a report (or EOF: the worker died) can be read without waiting."""
         return bool(self._poller.poll(0))
+
+    def post(self, message: Any) -> None:
+        """Queue ``message`` for the worker and send what the socket takes now, never waiting.
+
+        Raises OSError if the worker is gone (its EOF is then handled by the collector)."""
+        data = ForkingPickler.dumps(message)
+        self.outbox += struct.pack("!i", len(data))  # Connection's frame: a signed length
+        self.outbox += data
+        self.send_pending()
+
+    def send_pending(self) -> bool:
+        """Send as much of the outbox as the socket accepts without waiting; True once empty."""
+        while self.outbox:
+            try:
+                sent = self.sock.send(self.outbox, socket.MSG_DONTWAIT)
+            except (BlockingIOError, InterruptedError):
+                return False
+            del self.outbox[:sent]
+        return True
+
+    def close(self) -> None:
+        """Close the parent's end of the socket (both handles)."""
+        self.conn.close()
+        self.sock.close()
 
     def rss_bytes(self) -> int:
         try:
@@ -80,8 +114,8 @@ def start_worker(buffer_fd: int, buffer_bytes: int) -> WorkerProcess:
     finally:
         signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
         child_end.close()  # only the worker holds it now: its death is EOF on parent_end
-    conn = Connection(parent_end.detach())
-    return WorkerProcess(process, conn)
+    conn = Connection(os.dup(parent_end.fileno()))
+    return WorkerProcess(process, conn, parent_end)
 
 
 def stop_workers(workers: list[WorkerProcess], timeout: float, close: bool = True) -> None:
@@ -93,7 +127,7 @@ def stop_workers(workers: list[WorkerProcess], timeout: float, close: bool = Tru
     """
     for worker in workers:
         with contextlib.suppress(OSError):
-            worker.conn.send(Stop())
+            worker.post(Stop())  # if its outbox cannot drain, the signals below stop it
     for sig, wait in ((None, timeout), (signal.SIGTERM, 2.0), (signal.SIGKILL, 2.0)):
         running = [w for w in workers if w.process.poll() is None]
         if not running:
@@ -108,4 +142,4 @@ def stop_workers(workers: list[WorkerProcess], timeout: float, close: bool = Tru
                 worker.process.wait(timeout=max(0.0, deadline - time.monotonic()))
     if close:
         for worker in workers:
-            worker.conn.close()
+            worker.close()
