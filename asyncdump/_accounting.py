@@ -87,8 +87,10 @@ class Accounting:
         return failures
 
 
-def failure_error(failures: list[Failure]) -> AsyncDumpError:
-    """One error for several failed images, caused by the first one's cause."""
-    error = AsyncDumpError(describe_failures(failures), failures)
+def failure_error(failures: list[Failure], note: str = "") -> AsyncDumpError:
+    """One error for several failed images, caused by the first one's cause; ``note`` is
+    appended to the message."""
+    message = describe_failures(failures)
+    error = AsyncDumpError(f"{message}; {note}" if note else message, failures)
     error.__cause__ = failures[0][1]
     return error

@@ -35,13 +35,14 @@ from . import _defaults
 from ._accounting import Accounting, failure_error
 from ._buffer import SharedBuffer
 from ._codecs import encode_params, get_codec
-from ._collector import JOBS_PER_WORKER, Collector
+from ._collector import JOBS_PER_WORKER, MAX_JOB_IMAGES, Collector
 from ._device import CopyWaiter, DeviceStager
 from ._encoders import FPNG, check_png_encoder, encoder_for
 from ._errors import AsyncDumpError, BufferFullError, describe_failures
 from ._handover import HandOver
 from ._jobs import BatchRecord, NotStaged, StagedPart
-from ._naming import Namer, PlainBatch, checked_step
+from ._naming import BUILTIN_FIELDS, Namer, PlainBatch, checked_step
+from ._owner import OwningProcess
 from ._protocol import GridSpec, JobSettings
 from ._signals import deferred_sigint
 from ._staging import Batch, Conversion, copy_into_buffer, inspect
@@ -89,6 +90,7 @@ class AsyncImageSink:
         retry_seconds: float = DEFAULT_RETRY_SECONDS,
     ):
         self._closed = True  # until fully started: close() has nothing to do
+        self._owner = OwningProcess("AsyncImageSink")
         self.workers = _positive_int("workers", workers, _defaults.default_workers)
         codec = get_codec(format)
         self._codec = codec
@@ -153,6 +155,12 @@ class AsyncImageSink:
         Thread-safe: calls from several threads are staged one at a time, so every image gets
         its own index and path and each thread's batches keep their order.
         """
+        self._owner.check()  # before the lock: a forked child may inherit it held
+        reserved = sorted(fields.keys() & set(BUILTIN_FIELDS))
+        if reserved:
+            raise ValueError(f"submit() keyword(s) {reserved} name built-in template fields, which "
+                             "asyncdump sets itself (index, batch, rank; step is submit's own "
+                             "argument): rename the keyword")
         with self._submit_lock:
             return self._submit(images, step, names, fields)
 
@@ -162,6 +170,7 @@ class AsyncImageSink:
         For writers that put images somewhere other than a file of their own (tar shards,
         object stores). Same staging, back-pressure and error rules; no names are used.
         """
+        self._owner.check()
         with self._submit_lock:
             return self._submit(images, None, None, {}, encode_only=True)
 
@@ -174,6 +183,7 @@ class AsyncImageSink:
     def _submit_grid(self, batch: Any, name: str, grid: GridSpec) -> concurrent.futures.Future[Any]:
         """For save_image: ``batch`` is the whole B x C x H x W batch viewed as one gray image
         ``(B*C*H, W)``; one worker tiles it into one file (``_tile``)."""
+        self._owner.check()
         with self._submit_lock:
             return self._submit(batch, None, [name], {}, grid=grid)
 
@@ -190,7 +200,7 @@ class AsyncImageSink:
                      fields: dict[str, Any], encode_only: bool, digest: bool,
                      grid: GridSpec | None = None) -> concurrent.futures.Future[Any]:
         self._check_usable()
-        self._deliver_failures(raise_now=True)
+        self._deliver_failures(raise_now=True)  # before anything of this batch is staged
         batch = images if isinstance(images, Batch) else inspect(images, self._codec)
         step = checked_step(step)
         if batch.image_bytes > self._buffer.capacity_bytes:
@@ -268,7 +278,7 @@ class AsyncImageSink:
         else:
             destination = self._buffer.view(offset, count * batch.image_bytes)
             copy_into_buffer(batch, start, start + count, destination)
-        per_job = max(1, -(-count // (JOBS_PER_WORKER * self.workers)))
+        per_job = max(1, min(MAX_JOB_IMAGES, -(-count // (JOBS_PER_WORKER * self.workers))))
         part = StagedPart(record, settings, start, start + count, offset, per_job,
                           f"{self._token}-{next(_serial)}")  # the collector cuts it into jobs
         if first:
@@ -312,8 +322,9 @@ class AsyncImageSink:
         if not failures:
             return
         if self.on_error == "raise":
-            if raise_now:
-                raise failure_error(failures)
+            if raise_now:  # from submit: its own batch is refused whole, and said so
+                raise failure_error(failures, "this call's batch was not accepted (nothing of it "
+                                    "was staged, no index used): submit it again")
         elif self.on_error == "warn":
             warnings.warn(describe_failures(failures), RuntimeWarning, stacklevel=4)
         elif callable(self.on_error):
@@ -324,6 +335,7 @@ class AsyncImageSink:
 
     def flush(self, timeout: float | None = None) -> None:
         """Wait until everything submitted before this call is written or failed."""
+        self._owner.check()
         futures = self._accounting.open_futures()
         _, not_done = concurrent.futures.wait(futures, timeout=timeout)
         if not_done:
@@ -342,6 +354,7 @@ class AsyncImageSink:
         A KeyboardInterrupt during the flush (a second Ctrl-C) aborts: workers are stopped
         at once and a warning says how many images were not written.
         """
+        self._owner.check()
         if self._closed:
             return
         try:
@@ -392,6 +405,7 @@ class AsyncImageSink:
     @property
     def stats(self) -> SinkStats:
         """A snapshot of the counters (see ``SinkStats``)."""
+        self._owner.check()
         c = self._accounting.counters
         elapsed = time.perf_counter() - self._created
         workers = self._collector.workers
@@ -419,8 +433,19 @@ class AsyncImageSink:
 
     def worker_modules(self, timeout: float = 10.0) -> dict[int, list[str]]:
         """Diagnostics: ``sys.modules`` of each live worker, by pid, asked from inside it."""
+        self._owner.check()
         self._check_usable()
         return self._collector.probe(timeout)
+
+    def __copy__(self) -> AsyncImageSink:
+        raise TypeError("an AsyncImageSink cannot be copied or pickled: it owns worker processes "
+                        "and shared memory; pass the sink object itself around")
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> AsyncImageSink:
+        return self.__copy__()
+
+    def __reduce__(self) -> Any:
+        return self.__copy__()
 
     def __repr__(self) -> str:
         state = "closed" if self._closed else "open"
@@ -463,6 +488,8 @@ def _checked_extension(extension: Any) -> str:
 @atexit.register
 def _close_open_sinks() -> None:
     for sink in list(_open_sinks):
+        if not sink._owner.is_current():  # a forked child exiting: the parent's, not ours
+            continue
         warnings.warn(f"{sink!r} was not closed; flushing it at interpreter exit",
                       RuntimeWarning, stacklevel=1)
         try:

@@ -55,6 +55,7 @@ from ._manifest import (
     write_merged_manifest,
 )
 from ._metadata import serialise
+from ._owner import OwningProcess
 from ._ranks import Ranks
 from ._schedule import Schedule
 from ._stores import is_url
@@ -121,6 +122,7 @@ class DatasetSink:
         png_encoder: str = "auto",
     ):
         self._closed = True
+        self._owner = OwningProcess("DatasetSink")
         _check_int("count", count)
         if count > MAX_COUNT:
             raise ValueError(f"count must be at most 2**53 = {MAX_COUNT} (indices stay exact "
@@ -237,6 +239,7 @@ class DatasetSink:
 
         Submit each batch before asking for the next one.
         """
+        self._owner.check()
         _check_int("batch_size", batch_size)
         schedule = self._schedule
         while True:
@@ -255,6 +258,7 @@ class DatasetSink:
         ``indices`` must be the next batch of ``pending()``; ``metadata`` is one JSON-able dict
         per image (its ``"label"``, if any, becomes the manifest's ``label``).
         """
+        self._owner.check()
         if self._closed:
             raise RuntimeError("this DatasetSink is closed")
         error = self._committer.error
@@ -297,6 +301,7 @@ class DatasetSink:
         return self._finish(normal=True)
 
     def _finish(self, normal: bool) -> DatasetSummary:
+        self._owner.check()
         if self._summary is not None:
             return self._summary
         self._closed = True
