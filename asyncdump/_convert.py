@@ -49,9 +49,12 @@ def to_image(raw: np.ndarray, spec: ImageSpec, rgb: bool = False) -> np.ndarray:
         assert spec.rule is not None, "float input needs the conversion rule"
         out = np.empty((channels, height * width), np.uint8)
         scratch = np.empty(height * width, np.float32)
-        for k, source in enumerate(order):
-            _convert_plane(planes[source], dtype, spec.rule, source, scratch)
-            np.copyto(out[k], scratch, casting="unsafe")  # truncation of a value in [0, 255]
+        # Values beyond float32's range become +-inf (in the cast or in x * 255, x * std),
+        # which the clamps map to 255 / 0, as torch computes them: numpy need not warn on stderr.
+        with np.errstate(over="ignore"):
+            for k, source in enumerate(order):
+                _convert_plane(planes[source], dtype, spec.rule, source, scratch)
+                np.copyto(out[k], scratch, casting="unsafe")  # truncation of a value in [0, 255]
         return _interleave(out, list(range(channels)), height, width)
     if dtype == "bool":
         img = _interleave(planes.view(np.uint8), order, height, width, copy=True)
@@ -87,11 +90,8 @@ def _convert_plane(plane: np.ndarray, dtype: str, rule: FloatRule, channel: int,
         np.multiply(plane, np.float32(255.0), out=y)
     elif dtype == "bfloat16":  # bf16 is the top half of a float32
         np.left_shift(plane, 16, out=y.view(np.uint32), dtype=np.uint32)
-    elif dtype == "float64":
-        with np.errstate(over="ignore"):  # beyond float32's range is +-inf, then clamped
-            np.copyto(y, plane, casting="unsafe")
-    else:
-        np.copyto(y, plane, casting="unsafe")  # float16 -> float32, as the rule computes
+    else:  # float16/float64 -> float32, as the rule computes (beyond float32's range: +-inf)
+        np.copyto(y, plane, casting="unsafe")
     if not plain and std is not None and mean is not None:
         y *= np.float32(std[channel])
         y += np.float32(mean[channel])

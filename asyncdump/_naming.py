@@ -354,13 +354,19 @@ class Namer:
         try:
             return self.template.format(**values)
         except KeyError as exc:
-            raise ValueError(
-                f"name template {self.template!r} uses field {exc.args[0]!r} that submit did not get; "
-                f"available: {', '.join(BUILTIN_FIELDS)} and keyword fields passed to submit "
-                f"(got {sorted(fields) or 'none'})"
-            ) from None
-        except (ValueError, IndexError, AttributeError, TypeError) as exc:
-            raise ValueError(f"name template {self.template!r} failed to format: {exc}") from None
+            if exc.args and exc.args[0] in self._fields and exc.args[0] not in values:
+                raise ValueError(
+                    f"name template {self.template!r} uses field {exc.args[0]!r} that submit did not "
+                    f"get; available: {', '.join(BUILTIN_FIELDS)} and keyword fields passed to submit "
+                    f"(got {sorted(fields) or 'none'})"
+                ) from None
+            error: Exception = exc
+        except Exception as exc:  # a field's own __format__/__str__ may raise anything
+            error = exc
+        raise ValueError(f"name template {self.template!r} failed to format "
+                         f"{_failing_field(self.template, values)}: {type(error).__name__}: {error}; "
+                         "each field needs a value that str.format renders with its spec "
+                         "(such as a str or an int)") from None
 
     def _join(self, name: str) -> str:
         """The path of a checked name (what ``_checked_path`` returns for it)."""
@@ -400,6 +406,19 @@ class Namer:
                 self._checked_dirs.clear()
             self._checked_dirs.add(folder)
         return path
+
+
+def _failing_field(template: str, values: Mapping[str, Any]) -> str:
+    """``"field {name}"`` for the first field of ``template`` that cannot be formatted alone."""
+    for _, field, spec, conversion in string.Formatter().parse(template):
+        if field is None:
+            continue
+        text = "{" + field + (f"!{conversion}" if conversion else "") + (f":{spec}" if spec else "") + "}"
+        try:
+            text.format(**values)
+        except Exception:
+            return f"field {text}"
+    return "it"
 
 
 def _already(path: str) -> ValueError:

@@ -139,6 +139,10 @@ def inspect(images: Any, codec: Codec) -> Batch:
     is_tensor = torch is not None and isinstance(images, torch.Tensor)
     if not is_tensor and not isinstance(images, np.ndarray):
         raise TypeError(f"images must be a torch.Tensor or numpy.ndarray, got {type(images).__name__}")
+    if is_tensor:
+        images = _plain_tensor(torch, images)
+    elif isinstance(images, np.matrix):  # always 2-D, and reshape keeps it 2-D: one (H, W) image
+        images = np.asarray(images)
     array: np.ndarray | None = None if is_tensor else images
     dtype = _torch_dtype_names(torch).get(images.dtype) if is_tensor else None
     if is_tensor and dtype is not None and images.is_cpu:
@@ -190,6 +194,20 @@ def inspect(images: Any, codec: Codec) -> Batch:
                 source, layout = channels_last, "nhwc"
     image_bytes = channels * height * width * _ITEMSIZE[stored]
     return Batch(source, on_cuda, count, channels, height, width, stored, layout, image_bytes)
+
+
+def _plain_tensor(torch: Any, tensor: Any) -> Any:
+    """``tensor`` as a dense tensor whose memory holds its values: ``TypeError`` for nested and
+    sparse tensors; the negative bit of a lazy view (``z.conj().imag``) is resolved (a copy)."""
+    if tensor.is_nested:
+        raise TypeError("nested tensors are not supported; pass a regular tensor (for images of one "
+                        "shape, torch.stack(t.unbind())) or submit each image of t.unbind()")
+    if tensor.layout != torch.strided:
+        raise TypeError(f"tensors with layout {tensor.layout} are not supported; pass a dense "
+                        "(strided) tensor, e.g. t.to_dense()")
+    if tensor.is_neg():
+        return tensor.detach().resolve_neg()
+    return tensor
 
 
 def _host_view(torch: Any, tensor: Any, dtype: str) -> np.ndarray:

@@ -54,8 +54,16 @@ def _on_parent_death(signum: int, frame: Any) -> None:
     _parent_gone = True  # finish what is already in the pipe, then exit (see main loop)
 
 
+_temp_in_progress: tuple[str, int | None] | None = None  # (temp, dir_fd) from open to rename
+
+
 def _on_sigterm(signum: int, frame: Any) -> None:
-    raise SystemExit(128 + signum)  # unwinds through the finally blocks that remove temp files
+    """Remove the temp file being written and exit at once, quietly. (Raising SystemExit here
+    surfaced in whatever Python code ran at that moment: in the interpreter's teardown, an
+    atexit callback or a __del__, Python prints "Exception ignored ... SystemExit: 143".)"""
+    if _temp_in_progress is not None:
+        unlink_quietly(_temp_in_progress[0], dir_fd=_temp_in_progress[1])
+    os._exit(128 + signum)
 
 
 def _install_signals(parent_pid: int) -> None:
@@ -113,6 +121,8 @@ def write_temp(temp: str, data: memoryview, fsync: bool, dir_fd: int | None = No
     fsynced if asked; no partial file is left on failure. The bench's plain processes call it
     too, to do exactly this work."""
     # os.open/os.write: Python's open() adds an fstat, an isatty ioctl and an lseek per file.
+    global _temp_in_progress
+    _temp_in_progress = (temp, dir_fd)  # before it exists: SIGTERM removes it (run_job clears)
     try:
         fd = _open_new(temp, dir_fd)
         try:
@@ -246,6 +256,7 @@ def _as_bytes(encoded: memoryview) -> bytes:
 
 def run_job(conn: Connection, buffer: np.ndarray, job: RunJob) -> None:
     """Encode and write every image of one job, reporting each step home."""
+    global _temp_in_progress
     settings = job.settings
     params: list[int] = []
     for flag, value in settings.params:
@@ -278,8 +289,17 @@ def run_job(conn: Connection, buffer: np.ndarray, job: RunJob) -> None:
             raise
         except BaseException as exc:
             err = exc.errno if isinstance(exc, OSError) else None
-            _report(conn, Failed(job.job_id, i, err, f"{type(exc).__name__}: {exc}",
-                                 traceback.format_exc()))
+            _report(conn, Failed(job.job_id, i, err, _failure_text(exc), traceback.format_exc()))
+        finally:
+            _temp_in_progress = None  # renamed into place, or removed
+
+
+def _failure_text(exc: BaseException) -> str:
+    """The message of a ``Failed`` report. The parent rebuilds an OSError with an errno as
+    ``OSError(errno, text)``, whose str() says "[Errno N]" and picks the subclass itself."""
+    if isinstance(exc, OSError) and exc.errno is not None:
+        return str(exc).removeprefix(f"[Errno {exc.errno}] ")
+    return f"{type(exc).__name__}: {exc}"
 
 
 def main(argv: list[str]) -> int:
