@@ -7,6 +7,7 @@ through real workers and files; the CUDA path gets the same properties with a to
 
 from __future__ import annotations
 
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -111,7 +112,9 @@ def test_end_to_end_through_workers(root: Path, value_range: tuple[float, float]
     flat = x.reshape(-1)
     flat[: min(flat.size, ties.size)] = rng.permutation(ties)[: flat.size]
     flat[-1] = np.nan
-    with AsyncImageSink(root / f"s{seed}", workers=1, value_range=value_range) as sink:
+    root.mkdir(exist_ok=True)  # a fresh folder per example: hypothesis may draw a seed twice
+    folder = tempfile.mkdtemp(prefix=f"s{seed}-", dir=root)
+    with AsyncImageSink(folder, workers=1, value_range=value_range) as sink:
         paths = sink.submit(torch.from_numpy(x)).result(timeout=30)
     for i, path in enumerate(paths):
         expected = torchvision_pixels(torch.from_numpy(x[i].copy()), value_range=value_range)

@@ -69,7 +69,9 @@ def test_killed_workers_lose_nothing_and_keep_order(tmp_path: Path) -> None:
             if step in (20, 40):  # kill them all with this call's grid still to encode
                 for pid in tb._sink.worker_pids:
                     os.kill(pid, signal.SIGKILL)
-        assert tb.stats.worker_restarts == 4
+    # read after close: the collector notices a death when it next reads the socket, which
+    # may be after the loop's last call (asserted inside the block, this read 2 once)
+    assert tb.stats.worker_restarts == 4
     writer.close()
     events = images(tmp_path)["x"]
     assert [e.step for e in events] == list(range(60))
