@@ -285,6 +285,17 @@ SKIP.update({
 
 
 SKIP.update({
+    ("docs/versions.md", "nice -n 10 make test-oldest TORCH_SPEC=torch==2.3.0 "
+                         "OLDEST_VENV=.venv-oldest-t23"):
+        "a by-hand run of minutes that installs a multi-GB torch build; make test-oldest runs "
+        "in CI with the local torch",
+    ("docs/versions.md", "~/.pyenv/versions/3.13.0/bin/python3.13 -m venv .venv313"):
+        "a by-hand run of the whole suite on Python 3.13 with a multi-GB torch build; "
+        "make smoke-python runs Python 3.13 in CI",
+})
+
+
+SKIP.update({
     ("docs/object-storage.md", "from asyncdump import AsyncImageSink, save_image"):
         "needs a bucket on a store: tests/test_object_store.py makes the same calls against "
         "moto's S3 server on loopback",
