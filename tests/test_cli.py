@@ -25,6 +25,9 @@ def test_info_prints_the_derived_defaults() -> None:
     assert out.returncode == 0, out.stderr
     assert "default workers" in out.stdout and "default max_buffer_bytes (MiB)" in out.stdout
     assert "usable cores" in out.stdout and "cuda available" in out.stdout
+    from importlib.metadata import version
+    for name in ("numpy", "opencv-python-headless", "psutil", "tqdm"):  # a bug report's versions
+        assert f"{name} {version(name)}" in out.stdout
 
 
 def test_demo_writes_every_image(tmp_path: Path) -> None:

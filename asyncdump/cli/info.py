@@ -4,10 +4,14 @@ from __future__ import annotations
 
 import argparse
 import platform
+from importlib.metadata import PackageNotFoundError, version
 from typing import Any
 
 from .. import _defaults
 from .._encoders import active_encoder
+
+# pyproject.toml's runtime dependencies, by their distribution names
+DEPENDENCIES = ("torch", "numpy", "opencv-python-headless", "fpng", "psutil", "tqdm")
 
 
 def collect() -> dict[str, Any]:
@@ -26,6 +30,7 @@ def collect() -> dict[str, Any]:
         "numpy": numpy.__version__,
         "opencv": cv2.__version__,
         "png encoder (auto)": active_encoder(),
+        "installed": installed_versions(),
         "cuda available": cuda,
         "cuda devices": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
         if cuda else [],
@@ -34,6 +39,17 @@ def collect() -> dict[str, Any]:
         "default workers": _defaults.default_workers(),
         "default max_buffer_bytes (MiB)": _defaults.default_max_buffer_bytes() >> 20,
     }
+
+
+def installed_versions() -> str:
+    """``name version`` of every direct dependency, as pip sees them (a bug report's set)."""
+    found = []
+    for name in DEPENDENCIES:
+        try:
+            found.append(f"{name} {version(name)}")
+        except PackageNotFoundError:
+            found.append(f"{name} (not installed)")
+    return ", ".join(found)
 
 
 def run(args: argparse.Namespace) -> int:
