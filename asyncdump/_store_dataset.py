@@ -135,6 +135,12 @@ class StoreDataset:
         self._parts = []
         return len(self._lines)
 
+    def undo(self) -> None:
+        """No image was written: delete what this run created (a new dataset only)."""
+        if self.created:
+            self._delete([MANIFEST_FILE, *self._parts, DATASET_FILE])
+            self._parts = []
+
 
 def _dataset_marker(listing: dict[str, int]) -> str | None:
     """The object that makes the prefix an existing dataset, or None."""
