@@ -238,6 +238,7 @@ def _kill_after_first_part(args: list[str], s3: S3Server, bucket: str, prefix: s
     assert process.returncode == -signal.SIGKILL, "the run finished before it could be killed"
 
 
+@pytest.mark.timeout(400)  # three generate runs; a shared 2-core machine may be slow
 def test_kill_9_then_resume_equals_a_clean_run_on_a_store(s3: S3Server) -> None:
     bucket = s3.bucket()
     common = ["--count", "300", "--size", "16", "--shard-size", "40", "--seed", "5",
