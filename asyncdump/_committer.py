@@ -3,6 +3,7 @@ the counts (see ``asyncdump.dataset`` for the path of one batch).
 
     files: wait for the batch's future (files renamed into place, each with the sha256 its
            worker computed from the bytes it wrote), append the batch's manifest lines
+           (on an object store: PUT them as one manifest part, ``_store_dataset``)
     tar:   wait for the encoded bytes and their sha256 (hashed in the worker), append
            ``key.<ext>``, ``key.cls`` (when the label is an int) and ``key.json`` members to
            the hidden ``.shard-N.tar.tmp``; when the shard (or a part of ``shard_bytes``) is
@@ -18,12 +19,15 @@ import os
 import queue
 import threading
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ._errors import AsyncDumpError, DatasetError
 from ._manifest import Layout
 from ._metadata import Meta
 from ._tar import TAR_BLOCK, TarPart, member_bytes
+
+if TYPE_CHECKING:
+    from ._store_dataset import StoreDataset
 
 QUEUED_BATCHES = 32  # batches handed to the committer and not yet committed
 
@@ -33,10 +37,12 @@ _Batch = tuple[concurrent.futures.Future[Any], list[int], list[Meta], str]
 class Committer:
     """Commits the batches ``put`` in order on its own thread; ``stop`` drains and ends it."""
 
-    def __init__(self, root: Path, layout: Layout, mode: str, format: str, fsync: bool,
+    def __init__(self, root: Any, layout: Layout, mode: str, format: str, fsync: bool,
                  shard_bytes: int | None, next_part: dict[int, int], last_index: int,
-                 manifest_path: Path):
+                 manifest_path: Path | None, store: StoreDataset | None = None):
         self.root, self.layout, self.mode, self.fsync = root, layout, mode, fsync
+        self._store = store  # an object store's dataset: parts instead of an appended file
+        self._prefix = store.url + "/" if store is not None else str(root) + os.sep
         self._format_json = json.dumps(format, ensure_ascii=False)
         self._shard_bytes = shard_bytes
         self._next_part = next_part  # tar mode: the next part number of each shard
@@ -52,8 +58,10 @@ class Committer:
         self._thread: threading.Thread | None = None
         self._queue: queue.Queue[_Batch | None] = queue.Queue(QUEUED_BATCHES)
         self._manifest_path = manifest_path
-        self._manifest_fd = os.open(manifest_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-        self._manifest_size = os.fstat(self._manifest_fd).st_size  # ends with a whole line
+        self._manifest_fd = self._manifest_size = -1
+        if manifest_path is not None:
+            self._manifest_fd = os.open(manifest_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+            self._manifest_size = os.fstat(self._manifest_fd).st_size  # ends with a whole line
 
     def start(self, bar: Any) -> None:
         """Start the thread; ``bar`` (a tqdm bar or None) advances per committed batch."""
@@ -88,7 +96,7 @@ class Committer:
                 result = future.result()
                 failed: set[Path] = set()
             except AsyncDumpError as exc:
-                result, failed = None, {Path(p) for p, _ in exc.failures}
+                result, failed = None, {self._failed_key(p) for p, _ in exc.failures}
             except BaseException:  # cancelled or broken sink: the whole batch is lost
                 result, failed = None, set()
             if self.error is not None:
@@ -106,6 +114,10 @@ class Committer:
                 self._bar.update(len(indices))
         self._abort_part()  # a part still open here is incomplete (the run stopped early)
 
+    def _failed_key(self, path: Any) -> Any:
+        """A failed image's path as ``_commit_files`` looks it up (a URL stays a str)."""
+        return str(path) if self._store is not None else Path(path)
+
     def _line(self, index: int, path: str, sha256: str, size: int, meta: Meta, shape: str,
               offset: str = "") -> str:
         """``dumps_line`` of the entry, formatted directly (a test pins the equality)."""
@@ -116,6 +128,15 @@ class Committer:
     def _append(self, indices: list[int], lines: list[str]) -> None:
         """Append whole lines or none: a failed write (a full disk) is cut back to the last
         complete line, so the manifest stays one that resume accepts, and the run stops."""
+        if self._store is not None:
+            try:
+                self._store.put_part(indices, lines)
+            except BaseException:
+                self.failed += len(lines)
+                raise
+            self.in_order &= indices[0] > self.last_index
+            self.last_index = indices[-1]
+            return
         data = "".join(lines).encode()
         try:
             view = memoryview(data)
@@ -141,15 +162,15 @@ class Committer:
     def _commit_files(self, indices: list[int], metas: list[Meta], shape: str,
                       result: list[tuple[str, int] | None] | None, failed: set[Path]) -> None:
         done, lines = [], []
-        prefix = str(self.root) + os.sep
+        prefix = self._prefix
         for k, (index, meta) in enumerate(zip(indices, metas, strict=True)):
             name = self.layout.file_name(index) + self.layout.extension
-            if result is None and (not failed or Path(prefix + name) in failed):
+            if result is None and (not failed or self._failed_key(prefix + name) in failed):
                 self.failed += 1
                 continue
             digest = result[k] if result is not None else None
             if digest is None:  # a batch with failures, or a file a dead worker left: read it
-                data = _read_file(prefix + name)
+                data = _read_file(prefix + name) if self._store is None else self._store.read(name)
                 digest = (hashlib.sha256(data).hexdigest(), len(data))
             done.append(index)
             lines.append(self._line(index, name, *digest, meta, shape))

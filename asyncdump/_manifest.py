@@ -131,8 +131,18 @@ def check_job(root: Path, record: dict[str, Any]) -> None:
         raise DatasetError(f"{root} has a manifest but no {DATASET_FILE}: it was not written by "
                            "asyncdump (or was damaged); refusing to resume into it")
     try:
-        stored = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, ValueError) as exc:  # ValueError: not UTF-8
+        raise DatasetError(f"{path} is corrupt ({exc}); refusing to resume") from None
+    compare_job(str(root), str(path), text, record)
+
+
+def compare_job(root: str, path: str, text: str, record: dict[str, Any]) -> None:
+    """Refuse (``DatasetError``) unless ``text``, the ``dataset.json`` at ``path``, describes
+    the job ``record`` (shared by folders and object stores)."""
+    try:
+        stored = json.loads(text)
+    except ValueError as exc:
         raise DatasetError(f"{path} is corrupt ({exc}); refusing to resume") from None
     if not isinstance(stored, dict) or stored.get("asyncdump_dataset") != LAYOUT_VERSION:
         raise DatasetError(f"{path} is not an asyncdump dataset description; refusing to resume")
@@ -161,26 +171,31 @@ def read_manifests(root: Path, count: int) -> dict[int, dict[str, Any]]:
             text = path.read_text(encoding="utf-8")
         except (OSError, UnicodeDecodeError) as exc:
             raise DatasetError(f"cannot read manifest {path}: {exc}") from None
-        lines = text.split("\n")
-        for number, line in enumerate(lines, 1):
-            if not line.strip():
-                continue
-            torn = number == len(lines)  # the text did not end with a newline
-            try:
-                entry = json.loads(line)
-                _check_entry(entry, count)
-            except (ValueError, TypeError) as exc:
-                if torn:
-                    continue
-                raise DatasetError(f"corrupt manifest {path.name}, line {number}: {exc}; "
-                                   "refusing to resume (nothing was changed)") from None
-            index = entry["index"]
-            old = entries.get(index)
-            if old is not None and old != entry:
-                raise DatasetError(f"corrupt manifest {path.name}, line {number}: index {index} "
-                                   "appears twice with different content; refusing to resume")
-            entries[index] = entry
+        parse_manifest(path.name, text, count, entries)
     return entries
+
+
+def parse_manifest(name: str, text: str, count: int, entries: dict[int, dict[str, Any]]) -> None:
+    """Add the entries of one manifest's ``text`` (called ``name`` in errors) to ``entries``."""
+    lines = text.split("\n")
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        torn = number == len(lines)  # the text did not end with a newline
+        try:
+            entry = json.loads(line)
+            _check_entry(entry, count)
+        except (ValueError, TypeError) as exc:
+            if torn:
+                continue
+            raise DatasetError(f"corrupt manifest {name}, line {number}: {exc}; "
+                               "refusing to resume (nothing was changed)") from None
+        index = entry["index"]
+        old = entries.get(index)
+        if old is not None and old != entry:
+            raise DatasetError(f"corrupt manifest {name}, line {number}: index {index} "
+                               "appears twice with different content; refusing to resume")
+        entries[index] = entry
 
 
 def _check_entry(entry: Any, count: int) -> None:

@@ -22,7 +22,8 @@ depend on the number of ranks or workers.
 
 Its parts: ``_manifest`` (names, ``dataset.json``, the manifest, resume state), ``_committer``
 (the committer thread), ``_tar`` (tar parts), ``_metadata`` (per-image metadata JSON),
-``_ranks`` (rank, world size, collectives) and ``_schedule`` (this rank's pending indices).
+``_ranks`` (rank, world size, collectives), ``_schedule`` (this rank's pending indices) and
+``_store_dataset`` (a root that is an object-store URL: files mode, one rank).
 """
 
 from __future__ import annotations
@@ -58,12 +59,14 @@ from ._metadata import serialise
 from ._owner import OwningProcess
 from ._ranks import Ranks
 from ._schedule import Schedule
+from ._store_dataset import StoreDataset
 from ._stores import is_url
 
 __all__ = ["DatasetError", "DatasetSink", "DatasetSummary", "write_dataset"]
 
 MODES = ("files", "tar")
 MAX_WORKERS = 1024  # per rank: more is a typo, not a machine
+STORE_SUPPORT = "datasets on an object store are written in files mode by one rank so far"
 
 
 @dataclass(frozen=True)
@@ -88,7 +91,8 @@ class DatasetSink:
     """Write a dataset of ``count`` images with a manifest, resume and shards.
 
     Args:
-        root: output folder (created if missing).
+        root: output folder (created if missing), or an object-store prefix
+            (``"s3://bucket/prefix"``: files mode and one rank so far; docs/object-storage.md).
         count: number of images in the whole dataset (all ranks together).
         format, quality, workers, max_buffer_bytes, fsync, png_encoder: as for
             ``AsyncImageSink``; the resolved encoder is recorded in ``dataset.json`` and a
@@ -101,6 +105,8 @@ class DatasetSink:
         job: JSON-able parameters of your generator (model, seed, ...), stored in
             ``dataset.json``: a resume with other parameters is refused.
         progress: show a tqdm bar (this rank).
+        storage_options: for an object-store root, passed to its fsspec file system (as
+            ``AsyncImageSink``'s).
     """
 
     def __init__(
@@ -120,6 +126,7 @@ class DatasetSink:
         progress: bool = False,
         max_buffer_bytes: int | None = None,
         png_encoder: str = "auto",
+        storage_options: dict[str, Any] | None = None,
     ):
         self._closed = True
         self._owner = OwningProcess("DatasetSink")
@@ -139,8 +146,9 @@ class DatasetSink:
         codec = get_codec(format)
         encode_params(codec, quality)
         self.png_encoder = check_png_encoder(png_encoder, codec, quality)
-        _refuse_store_root(root)
-        self.root = Path(os.path.abspath(os.fspath(root)))
+        self._storage_options = _check_store_root(root, mode, storage_options)
+        self.root: Any  # a Path, or the URL (str) of an object-store prefix
+        self.root = root if self._storage_options is not None else Path(os.path.abspath(os.fspath(root)))
         self.mode = mode
         self.fsync = bool(fsync)
         self.layout = Layout(count, shard_size, codec.extension, mode)
@@ -153,6 +161,7 @@ class DatasetSink:
             raise TypeError(f"job must be JSON-serialisable: {exc}") from None
         self._sink: Any = None  # what construction creates, released if a later step fails
         self._committer: Committer = None  # type: ignore[assignment]  # set by _start
+        self._store: StoreDataset | None = None  # an object-store root's manifest and setup
         self._bar: Any = None
         self._ranks = Ranks()
         try:
@@ -168,20 +177,10 @@ class DatasetSink:
                max_buffer_bytes: int | None) -> None:
         """Everything after the process group: setup, resume state, sink, committer."""
         self.rank, self.world = self._ranks.rank, self._ranks.world
-
-        problem = None
-        if self.rank == 0:
-            try:
-                prepare_root(self.root, self.layout, record, resume, self.fsync)
-            except (DatasetError, OSError) as exc:
-                problem = exc
-        message = self._ranks.broadcast(None if problem is None else str(problem))
-        if problem is not None:
-            raise problem
-        if message is not None:
-            raise DatasetError(message)
-
-        entries = read_manifests(self.root, count)  # rank 0 left only durable entries
+        if self._storage_options is not None:
+            entries = self._start_store(record, resume)
+        else:
+            entries = self._prepare_folder(record, resume, count)
         self.skipped = len(entries)
         last_index = max(entries, default=-1)
         next_part = parts_done(self.layout, entries.values()) if self.mode == "tar" else {}
@@ -197,11 +196,13 @@ class DatasetSink:
             workers = _defaults.default_workers(self._ranks.local_world)
         self._sink = AsyncImageSink(self.root, workers=workers, format=format, quality=quality,
                                     on_error="ignore", fsync=fsync, overwrite=True,
-                                    max_buffer_bytes=max_buffer_bytes, png_encoder=self.png_encoder)
+                                    max_buffer_bytes=max_buffer_bytes, png_encoder=self.png_encoder,
+                                    storage_options=self._storage_options)
+        manifest = None if self._store is not None else \
+            self.root / (MANIFEST_FILE if self.world == 1 else rank_manifest(self.rank))
         self._committer = Committer(
             self.root, self.layout, self.mode, self._format, self.fsync, self._shard_bytes,
-            next_part, last_index,
-            self.root / (MANIFEST_FILE if self.world == 1 else rank_manifest(self.rank)))
+            next_part, last_index, manifest, self._store)
         if progress:
             from tqdm import tqdm
 
@@ -209,6 +210,32 @@ class DatasetSink:
                              desc=f"rank {self.rank}" if self.world > 1 else "generate")
         self._started = time.perf_counter()
         self._committer.start(self._bar)
+
+    def _prepare_folder(self, record: dict[str, Any], resume: bool,
+                        count: int) -> dict[int, dict[str, Any]]:
+        """Rank 0 prepares the folder (the others wait); every rank reads the manifests."""
+        problem = None
+        if self.rank == 0:
+            try:
+                prepare_root(self.root, self.layout, record, resume, self.fsync)
+            except (DatasetError, OSError) as exc:
+                problem = exc
+        message = self._ranks.broadcast(None if problem is None else str(problem))
+        if problem is not None:
+            raise problem
+        if message is not None:
+            raise DatasetError(message)
+        return read_manifests(self.root, count)  # rank 0 left only durable entries
+
+    def _start_store(self, record: dict[str, Any], resume: bool) -> dict[int, dict[str, Any]]:
+        """An object-store prefix (one rank): check it, PUT dataset.json or read the manifest."""
+        if self.world > 1:
+            raise ValueError(f"{self.root}: {STORE_SUPPORT} (this job has {self.world} ranks); "
+                             "write to a shared folder, or give each rank an AsyncImageSink")
+        assert self._storage_options is not None
+        self._store = StoreDataset(self.root, self._storage_options, self.layout)
+        self.root = self._store.url
+        return self._store.prepare(record, resume)
 
     def _release_partial(self) -> None:
         """Construction failed part-way: stop the sink, close the manifest, leave the group."""
@@ -315,7 +342,10 @@ class DatasetSink:
         committer = self._committer
         local = (committer.written, committer.failed, committer.bytes)
         if not normal or committer.error is not None:
-            if self.world == 1:  # a clean sorted manifest even after an error
+            if self._store is not None:  # manifest.jsonl from the durable lines, parts deleted
+                with contextlib.suppress(OSError):  # the parts stay: resume reads them
+                    self._store.merge()
+            elif self.world == 1:  # a clean sorted manifest even after an error
                 with contextlib.suppress(OSError):  # a full disk: the appended one stays
                     write_merged_manifest(self.root, read_manifests(self.root, self.layout.count),
                                           self.fsync)
@@ -328,7 +358,9 @@ class DatasetSink:
             return self._summary
         self._ranks.barrier()  # every rank's lines are in its manifest file
         complete = False
-        if self.world == 1 and committer.in_order:  # already sorted, without duplicates
+        if self._store is not None:  # manifest.jsonl, then the parts are deleted
+            complete = self._store.merge() == self.layout.count
+        elif self.world == 1 and committer.in_order:  # already sorted, without duplicates
             complete = self.skipped + committer.written == self.layout.count
         elif self.rank == 0:
             entries = read_manifests(self.root, self.layout.count)
@@ -379,11 +411,22 @@ def write_dataset(
     return sink.summary
 
 
-def _refuse_store_root(root: Any) -> None:
-    """Datasets are written to folders only, so far: a URL must not become a local folder."""
-    if is_url(root):
-        raise ValueError(f"{root}: datasets cannot be written to object stores yet (only "
-                         "AsyncImageSink and save_image can); write to a folder and upload it")
+def _check_store_root(root: Any, mode: str,
+                      storage_options: dict[str, Any] | None) -> dict[str, Any] | None:
+    """For an object-store root, its storage options (``{}`` when none); None for a folder.
+
+    A URL never becomes a local folder; what a store does not support yet is refused here."""
+    if not is_url(root):
+        if storage_options is not None:
+            raise ValueError("storage_options is only for object-store roots (scheme://...), "
+                             f"got a local root {os.fspath(root)!r}")
+        return None
+    if mode != "files":
+        raise ValueError(f"{root}: {STORE_SUPPORT} (mode={mode!r} is not); write tar shards to "
+                         "a folder and upload them")
+    if storage_options is not None and not isinstance(storage_options, dict):
+        raise TypeError(f"storage_options must be a dict, got {type(storage_options).__name__}")
+    return dict(storage_options or {})
 
 
 def _check_int(name: str, value: Any) -> None:

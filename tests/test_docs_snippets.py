@@ -305,6 +305,13 @@ SKIP.update({
                                '"http://minio:9000",'):
         "an endpoint on another host: tests/test_object_store.py passes storage_options to "
         "moto's server on loopback",
+    ("docs/object-storage.md", "asyncdump generate --out s3://my-bucket/shapes --count 100000 "
+                               "--size 64 --seed 0"):
+        "needs a bucket on a store: tests/test_dataset_store.py runs generate, kill -9, "
+        "--resume and --storage-option against moto's S3 server on loopback",
+    ("docs/object-storage.md", "PREFIX/dataset.json                            the job; PUT "
+                               "first, before any image (as in a folder)"):
+        "a layout listing, not code",
 })
 
 

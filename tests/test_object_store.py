@@ -142,12 +142,13 @@ def test_s3_without_s3fs_names_the_extra(monkeypatch: pytest.MonkeyPatch) -> Non
         AsyncImageSink("s3://bucket/x", workers=1)
 
 
-def test_datasets_refuse_a_url_instead_of_a_local_folder(in_tmp: Path) -> None:
-    with pytest.raises(ValueError, match="object stores"):
-        DatasetSink("s3://bucket/ds", count=4)
+def test_datasets_refuse_what_a_store_does_not_support_before_any_request(in_tmp: Path) -> None:
+    # Files mode on a store is tests/test_dataset_store.py's; tar mode is refused at once.
+    with pytest.raises(ValueError, match="files mode by one rank"):
+        DatasetSink("s3://bucket/ds", count=4, mode="tar")
     from asyncdump.cli import main
 
-    assert main(["generate", "--out", "s3://bucket/ds", "--count", "4"]) != 0
+    assert main(["generate", "--out", "s3://bucket/ds", "--count", "4", "--mode", "tar"]) != 0
     assert os.listdir(in_tmp) == []
 
 

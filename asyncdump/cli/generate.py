@@ -50,9 +50,12 @@ def run(args: argparse.Namespace) -> int:
             return _fail(f"--{name.replace('_', '-')} must be at least 1, got {value}")
     if args.format.lower() not in CODECS:
         return _fail(f"unknown --format {args.format!r}; choose one of {', '.join(sorted(CODECS))}")
-    if is_url(args.out):
-        return _fail(f"--out {args.out}: datasets cannot be written to object stores yet; "
-                     "write to a folder and upload it")
+    storage_options = _storage_options(args.storage_option)
+    if isinstance(storage_options, str):
+        return _fail(storage_options)
+    if storage_options is not None and not is_url(args.out):
+        return _fail(f"--storage-option is only for an object-store --out (scheme://...), "
+                     f"got {args.out!r}")
     plan = _user_plan(args) if args.generator is not None else _builtin_plan(args)
     if isinstance(plan, int):
         return plan
@@ -64,7 +67,7 @@ def run(args: argparse.Namespace) -> int:
             args.out, count=args.count, format=args.format, quality=args.quality,
             mode=args.mode, shard_size=args.shard_size, shard_bytes=args.shard_bytes,
             workers=args.workers, resume=args.resume, fsync=args.fsync,
-            png_encoder=args.png_encoder, job=plan.job,
+            png_encoder=args.png_encoder, job=plan.job, storage_options=storage_options,
             progress=not args.no_progress and os.environ.get("RANK", "0") == "0")
     except (AsyncDumpError, ValueError, TypeError, OSError, RuntimeError, ImportError) as exc:
         _release_ranks(plan.owns_group)
@@ -75,8 +78,10 @@ def run(args: argparse.Namespace) -> int:
     except GeneratorFailed as exc:  # only from --generator
         if exc.first:  # no rank wrote an image: leave --out as it was
             sink.ranks.barrier()
-            if sink.rank == 0:
+            if sink.rank == 0 and plan.before is not None:
                 undo(plan.before)
+            elif sink._store is not None:  # an object-store prefix: as it was, too
+                sink._store.undo()
         else:
             written = sink.summary.images if sink.summary is not None else 0
             exc.args = (f"{exc}; {written} images written{' by this rank' if sink.world > 1 else ''} "
@@ -165,7 +170,23 @@ def _user_plan(args: argparse.Namespace) -> _Plan | int:
     # A group the module started is ours to end too: nothing runs after this command.
     owns_group = _init_ranks() or _group_started()
     return _Plan({"generator": args.generator}, write, f"generator {args.generator}", owns_group,
-                 _generator_feed.before(args.out))
+                 None if is_url(args.out) else _generator_feed.before(args.out))
+
+
+def _storage_options(pairs: list[str] | None) -> dict[str, Any] | str | None:
+    """``--storage-option KEY=VALUE`` (repeated) as a dict; a str says what is wrong.
+
+    VALUE is a string, except ``true``/``false`` (booleans, as fsspec's ``anon`` wants)."""
+    if pairs is None:
+        return None
+    options: dict[str, Any] = {}
+    for pair in pairs:
+        key, equals, value = pair.partition("=")
+        if not equals or not key:
+            return f"--storage-option must be KEY=VALUE, got {pair!r}"
+        lowered = value.lower()
+        options[key] = lowered == "true" if lowered in ("true", "false") else value
+    return options
 
 
 def _init_ranks() -> bool:
@@ -213,7 +234,9 @@ def register(subparsers: Any) -> None:
                     "(coloured shapes on textured backgrounds, labels and boxes in the "
                     "manifest), or your own from --generator MODULE:FUNCTION. Restartable "
                     "with --resume; runs unchanged under torchrun.")
-    parser.add_argument("--out", required=True, help="output folder")
+    parser.add_argument("--out", required=True,
+                        help="output folder, or an object-store prefix (s3://bucket/prefix: "
+                             "files mode, one rank)")
     parser.add_argument("--count", type=int, required=True, help="number of images")
     parser.add_argument("--generator", default=None, metavar="MODULE:FUNCTION",
                         help="your generator: MODULE is imported once per rank (current folder "
@@ -249,4 +272,8 @@ def register(subparsers: Any) -> None:
     parser.add_argument("--fsync", action="store_true",
                         help="fsync files, shards and manifest lines (survives power loss)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--storage-option", action="append", default=None, metavar="KEY=VALUE",
+                        help="object-store --out: an option for its fsspec file system "
+                             "(repeatable; e.g. endpoint_url=http://minio:9000; true/false are "
+                             "booleans)")
     parser.set_defaults(func=run)
