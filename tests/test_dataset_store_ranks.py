@@ -1,6 +1,7 @@
 """Datasets on an object store under several ranks (torchrun, 2 ranks, gloo on loopback) against
 moto's S3 server: the same objects and bytes as one rank and as a folder; a rank killed with
-SIGKILL mid-run, then ``--resume`` (with 2 ranks, or with 1), equals a clean run."""
+SIGKILL mid-run, then ``--resume`` (with 2 ranks, or with 1; a killed 1-rank run resumed by
+2), equals a clean run; rank 0's refusals reach every rank."""
 
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ pytest.importorskip("s3fs", reason="the s3 extra (s3fs) is not installed")
 pytest.importorskip("moto.server", reason="moto[server] is not installed")
 
 from s3_server import S3Server, s3_fixture  # noqa: F401 (the s3 fixture)
-from test_dataset_store import RANK_VARIABLES, objects, tree
+from test_dataset_store import RANK_VARIABLES, _kill_after_first_part, objects, tree
 from test_generate_ranks import free_port
 
 pytestmark = pytest.mark.timeout(300)
@@ -143,6 +144,18 @@ def test_a_killed_rank_then_resume_equals_a_clean_run(s3: S3Server, resume_ranks
     print(f"2 ranks killed: {len(images_left)} images stored, {len(durable)} in manifest parts; "
           f"resume with {resume_ranks} rank(s) wrote {written}, skipped {skipped}; lost 0, "
           f"duplicated 0, PUT again with the same bytes {len(images_left) - skipped}")
+
+
+def test_one_rank_killed_then_two_ranks_resume(s3: S3Server) -> None:
+    bucket = s3.bucket()
+    common = ["--count", "300", "--shard-size", "40", "--batch-size", "4", *COMMON]
+    _kill_after_first_part(["--out", f"s3://{bucket}/one", *common], s3, bucket, "one")
+    _, durable = _left(s3, bucket, "one")
+    written, skipped = counts(generate("--out", f"s3://{bucket}/one", *common[:6], "--resume",
+                                       ranks=2))
+    assert skipped >= len(durable) and written + skipped == 300
+    generate("--out", f"s3://{bucket}/clean", *common[:6])
+    assert objects(s3, bucket, "one") == objects(s3, bucket, "clean")
 
 
 def test_rank_0_refusals_reach_every_rank(s3: S3Server) -> None:
