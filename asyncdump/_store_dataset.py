@@ -1,8 +1,8 @@
-"""A dataset on an object store (files mode, one rank): its manifest without append.
+"""A dataset on an object store (files mode, any number of ranks): its manifest without append.
 
     PREFIX/dataset.json                            the job's parameters, PUT first (as in a folder)
     PREFIX/<shard>/<index>.<ext>                   one PUT per image, by the workers
-    PREFIX/manifest.parts/rank-00000/<seq>.jsonl   one object per committed batch (while running)
+    PREFIX/manifest.parts/rank-<r>/<seq>.jsonl     one object per committed batch of rank r
     PREFIX/manifest.jsonl                          merged, sorted by index: PUT at resume and close
 
 A store cannot append, so the committer PUTs each batch's manifest lines as one small object
@@ -11,6 +11,11 @@ part, keeps the entries whose objects are listed with their size, and PUTs them 
 ``manifest.jsonl``; close does the same with this run's lines (kept in memory, about 250 bytes
 per image, so nothing is read back), then deletes the parts. A run killed between the PUT and
 the deletes leaves parts whose lines ``manifest.jsonl`` already holds: equal lines, no harm.
+
+Under several ranks, as in a folder: rank 0 alone runs ``prepare`` (the others wait for its
+verdict), then every other rank reads ``manifest.jsonl`` and any parts (``read_entries``);
+each rank PUTs its parts under ``rank-<r>``; after the closing barrier rank 0 reads the other
+ranks' parts and merges them all (``merge_all``).
 """
 
 from __future__ import annotations
@@ -38,7 +43,7 @@ class StoreDataset:
     """The store side of a ``DatasetSink`` whose root is a URL: setup, parts, merge."""
 
     def __init__(self, url: str, storage_options: dict[str, Any] | None, layout: Layout,
-                 retry_seconds: float = DEFAULT_RETRY_SECONDS):
+                 retry_seconds: float = DEFAULT_RETRY_SECONDS, rank: int = 0):
         self.store = open_destination(url, storage_options, retry_seconds=retry_seconds)
         self.url: str = self.store.url
         self.layout = layout
@@ -47,6 +52,7 @@ class StoreDataset:
         self._lines: dict[int, str] = {}  # every durable line, by index
         self._parts: list[str] = []  # part keys to delete once manifest.jsonl holds their lines
         self._next_seq = 0
+        self.rank = rank  # parts go under rank-<rank>; only rank 0 keeps lines and merges
         self.created = False  # this run wrote dataset.json
 
     # ------------------------------------------------------------------ requests
@@ -63,15 +69,18 @@ class StoreDataset:
         """An object's bytes (a file a replaced worker finished: its digest is computed here)."""
         return bytes(self._retry(name, lambda: self._fs.cat_file(self._path(name))))
 
-    def listing(self) -> dict[str, int]:
-        """Every object under the prefix: key relative to it -> size."""
+    def listing(self, under: str = "") -> dict[str, int]:
+        """Every object under the prefix (or its folder ``under``): key relative to the
+        prefix -> size."""
+        top = self._path(under) if under else self._base
+
         def find() -> Any:
-            self._fs.invalidate_cache(self._base)
-            return self._fs.find(self._base, detail=True)
-        found = self._retry("", find)
+            self._fs.invalidate_cache(top)
+            return self._fs.find(top, detail=True)
+        found = self._retry(under, find)
         start = len(self._base) + 1
         return {path[start:]: int(info.get("size") or 0) for path, info in found.items()
-                if path.startswith(self._base + "/")}
+                if path.startswith(top + "/")}
 
     def _delete(self, names: list[str]) -> None:
         for i in range(0, len(names), DELETE_BATCH):
@@ -106,16 +115,27 @@ class StoreDataset:
         for name in ([MANIFEST_FILE] if MANIFEST_FILE in listing else []) + parts:
             parse_manifest(name, _text(self, name), self.layout.count, entries)
         durable = {i: e for i, e in entries.items() if _durable(e, listing)}
-        mine = [int(m.group(2)) for m in map(_PART.match, parts) if m and int(m.group(1)) == 0]
-        self._next_seq = max(mine, default=-1) + 1
+        self._next_seq = _next_seq(parts, self.rank)
         self._lines = {i: dumps_line(durable[i]) for i in sorted(durable)}
         self._parts = parts
         self.merge()  # as a folder's resume: manifest.jsonl lists exactly the durable images
         return durable
 
+    def read_entries(self) -> dict[int, dict[str, Any]]:
+        """Another rank, after rank 0's ``prepare``: the entries of ``manifest.jsonl`` and of
+        any parts (rank 0 left only durable ones)."""
+        parts = sorted(name for name in self.listing(PARTS) if _PART.match(name))
+        self._next_seq = _next_seq(parts, self.rank)
+        entries: dict[int, dict[str, Any]] = {}
+        if self._retry(MANIFEST_FILE, lambda: self._fs.exists(self._path(MANIFEST_FILE))):
+            parse_manifest(MANIFEST_FILE, _text(self, MANIFEST_FILE), self.layout.count, entries)
+        for name in parts:
+            parse_manifest(name, _text(self, name), self.layout.count, entries)
+        return entries
+
     def put_part(self, indices: list[int], lines: list[str]) -> None:
         """Make a committed batch's lines durable: one PUT of a new part object."""
-        name = part_name(0, self._next_seq)
+        name = part_name(self.rank, self._next_seq)
         try:
             self.put(name, "".join(lines).encode())
         except StoreError as exc:
@@ -123,8 +143,21 @@ class StoreDataset:
                                "stopped, the images the manifest lists are kept: rerun with "
                                "resume (--resume)") from exc
         self._next_seq += 1
-        self._parts.append(name)
-        self._lines.update(zip(indices, lines, strict=True))
+        if self.rank == 0:  # the others' lines are read back from their parts by rank 0
+            self._parts.append(name)
+            self._lines.update(zip(indices, lines, strict=True))
+
+    def merge_all(self) -> int:
+        """Rank 0 after the closing barrier: add the lines of every part it did not PUT itself
+        (the other ranks'), then ``merge``; the number of images ``manifest.jsonl`` lists."""
+        mine = set(self._parts)
+        entries: dict[int, dict[str, Any]] = {}
+        for name in sorted(self.listing(PARTS)):
+            if _PART.match(name) and name not in mine:
+                parse_manifest(name, _text(self, name), self.layout.count, entries)
+                self._parts.append(name)
+        self._lines.update((i, dumps_line(entries[i])) for i in entries)
+        return self.merge()
 
     def merge(self) -> int:
         """PUT ``manifest.jsonl`` (every durable line, sorted), then delete the parts; the
@@ -140,6 +173,12 @@ class StoreDataset:
         if self.created:
             self._delete([MANIFEST_FILE, *self._parts, DATASET_FILE])
             self._parts = []
+
+
+def _next_seq(parts: list[str], rank: int) -> int:
+    """The first unused part number of ``rank`` among the part keys ``parts``."""
+    seqs = [int(m.group(2)) for m in map(_PART.match, parts) if m and int(m.group(1)) == rank]
+    return max(seqs, default=-1) + 1
 
 
 def _dataset_marker(listing: dict[str, int]) -> str | None:

@@ -23,7 +23,7 @@ depend on the number of ranks or workers.
 Its parts: ``_manifest`` (names, ``dataset.json``, the manifest, resume state), ``_committer``
 (the committer thread), ``_tar`` (tar parts), ``_metadata`` (per-image metadata JSON),
 ``_ranks`` (rank, world size, collectives), ``_schedule`` (this rank's pending indices) and
-``_store_dataset`` (a root that is an object-store URL: files mode, one rank).
+``_store_dataset`` (a root that is an object-store URL: files mode).
 """
 
 from __future__ import annotations
@@ -66,7 +66,7 @@ __all__ = ["DatasetError", "DatasetSink", "DatasetSummary", "write_dataset"]
 
 MODES = ("files", "tar")
 MAX_WORKERS = 1024  # per rank: more is a typo, not a machine
-STORE_SUPPORT = "datasets on an object store are written in files mode by one rank so far"
+STORE_SUPPORT = "datasets on an object store are written in files mode so far"
 
 
 @dataclass(frozen=True)
@@ -92,7 +92,7 @@ class DatasetSink:
 
     Args:
         root: output folder (created if missing), or an object-store prefix
-            (``"s3://bucket/prefix"``: files mode and one rank so far; docs/object-storage.md).
+            (``"s3://bucket/prefix"``: files mode so far; docs/object-storage.md).
         count: number of images in the whole dataset (all ranks together).
         format, quality, workers, max_buffer_bytes, fsync, png_encoder: as for
             ``AsyncImageSink``; the resolved encoder is recorded in ``dataset.json`` and a
@@ -228,14 +228,26 @@ class DatasetSink:
         return read_manifests(self.root, count)  # rank 0 left only durable entries
 
     def _start_store(self, record: dict[str, Any], resume: bool) -> dict[int, dict[str, Any]]:
-        """An object-store prefix (one rank): check it, PUT dataset.json or read the manifest."""
-        if self.world > 1:
-            raise ValueError(f"{self.root}: {STORE_SUPPORT} (this job has {self.world} ranks); "
-                             "write to a shared folder, or give each rank an AsyncImageSink")
+        """An object-store prefix: rank 0 checks it and PUTs dataset.json or merges the durable
+        entries (the others wait, as for a folder); every rank returns the durable entries."""
         assert self._storage_options is not None
-        self._store = StoreDataset(self.root, self._storage_options, self.layout)
+        self._store = StoreDataset(self.root, self._storage_options, self.layout, rank=self.rank)
         self.root = self._store.url
-        return self._store.prepare(record, resume)
+        if self.world == 1:
+            return self._store.prepare(record, resume)
+        problem = None
+        entries: dict[int, dict[str, Any]] = {}
+        if self.rank == 0:
+            try:
+                entries = self._store.prepare(record, resume)
+            except (DatasetError, OSError) as exc:  # StoreError is an OSError
+                problem = exc
+        message = self._ranks.broadcast(None if problem is None else str(problem))
+        if problem is not None:
+            raise problem
+        if message is not None:
+            raise DatasetError(message)
+        return entries if self.rank == 0 else self._store.read_entries()
 
     def _release_partial(self) -> None:
         """Construction failed part-way: stop the sink, close the manifest, leave the group."""
@@ -342,9 +354,9 @@ class DatasetSink:
         committer = self._committer
         local = (committer.written, committer.failed, committer.bytes)
         if not normal or committer.error is not None:
-            if self._store is not None:  # manifest.jsonl from the durable lines, parts deleted
+            if self._store is not None and self.world == 1:  # manifest.jsonl, parts deleted
                 with contextlib.suppress(OSError):  # the parts stay: resume reads them
-                    self._store.merge()
+                    self._store.merge()  # (several ranks: every part stays for resume)
             elif self.world == 1:  # a clean sorted manifest even after an error
                 with contextlib.suppress(OSError):  # a full disk: the appended one stays
                     write_merged_manifest(self.root, read_manifests(self.root, self.layout.count),
@@ -356,10 +368,13 @@ class DatasetSink:
                 raise AsyncDumpError(f"the dataset writer failed: {committer.error}") \
                     from committer.error
             return self._summary
-        self._ranks.barrier()  # every rank's lines are in its manifest file
+        self._ranks.barrier()  # every rank's lines are in its manifest file (or parts)
         complete = False
         if self._store is not None:  # manifest.jsonl, then the parts are deleted
-            complete = self._store.merge() == self.layout.count
+            if self.world == 1:
+                complete = self._store.merge() == self.layout.count
+            elif self.rank == 0:
+                complete = self._store.merge_all() == self.layout.count
         elif self.world == 1 and committer.in_order:  # already sorted, without duplicates
             complete = self.skipped + committer.written == self.layout.count
         elif self.rank == 0:

@@ -308,7 +308,8 @@ SKIP.update({
     ("docs/object-storage.md", "asyncdump generate --out s3://my-bucket/shapes --count 100000 "
                                "--size 64 --seed 0"):
         "needs a bucket on a store: tests/test_dataset_store.py runs generate, kill -9, "
-        "--resume and --storage-option against moto's S3 server on loopback",
+        "--resume and --storage-option against moto's S3 server on loopback, "
+        "tests/test_dataset_store_ranks.py the same under torchrun with 2 ranks",
     ("docs/object-storage.md", "PREFIX/dataset.json                            the job; PUT "
                                "first, before any image (as in a folder)"):
         "a layout listing, not code",

@@ -236,7 +236,7 @@ def register(subparsers: Any) -> None:
                     "with --resume; runs unchanged under torchrun.")
     parser.add_argument("--out", required=True,
                         help="output folder, or an object-store prefix (s3://bucket/prefix: "
-                             "files mode, one rank)")
+                             "files mode, any number of ranks)")
     parser.add_argument("--count", type=int, required=True, help="number of images")
     parser.add_argument("--generator", default=None, metavar="MODULE:FUNCTION",
                         help="your generator: MODULE is imported once per rank (current folder "
