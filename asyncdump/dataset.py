@@ -214,17 +214,7 @@ class DatasetSink:
     def _prepare_folder(self, record: dict[str, Any], resume: bool,
                         count: int) -> dict[int, dict[str, Any]]:
         """Rank 0 prepares the folder (the others wait); every rank reads the manifests."""
-        problem = None
-        if self.rank == 0:
-            try:
-                prepare_root(self.root, self.layout, record, resume, self.fsync)
-            except (DatasetError, OSError) as exc:
-                problem = exc
-        message = self._ranks.broadcast(None if problem is None else str(problem))
-        if problem is not None:
-            raise problem
-        if message is not None:
-            raise DatasetError(message)
+        self._on_rank_0(lambda: prepare_root(self.root, self.layout, record, resume, self.fsync))
         return read_manifests(self.root, count)  # rank 0 left only durable entries
 
     def _start_store(self, record: dict[str, Any], resume: bool) -> dict[int, dict[str, Any]]:
@@ -233,21 +223,27 @@ class DatasetSink:
         assert self._storage_options is not None
         self._store = StoreDataset(self.root, self._storage_options, self.layout, rank=self.rank)
         self.root = self._store.url
+        store = self._store
         if self.world == 1:
-            return self._store.prepare(record, resume)
-        problem = None
-        entries: dict[int, dict[str, Any]] = {}
+            return store.prepare(record, resume)
+        entries = self._on_rank_0(lambda: store.prepare(record, resume))
+        return entries if self.rank == 0 else store.read_entries()
+
+    def _on_rank_0(self, prepare: Callable[[], Any]) -> Any:
+        """Run ``prepare`` on rank 0 while the others wait; a problem it raises (a
+        ``DatasetError`` or an ``OSError``, ``StoreError`` included) is raised on every rank."""
+        problem, result = None, None
         if self.rank == 0:
             try:
-                entries = self._store.prepare(record, resume)
-            except (DatasetError, OSError) as exc:  # StoreError is an OSError
+                result = prepare()
+            except (DatasetError, OSError) as exc:
                 problem = exc
         message = self._ranks.broadcast(None if problem is None else str(problem))
         if problem is not None:
             raise problem
         if message is not None:
             raise DatasetError(message)
-        return entries if self.rank == 0 else self._store.read_entries()
+        return result
 
     def _release_partial(self) -> None:
         """Construction failed part-way: stop the sink, close the manifest, leave the group."""
