@@ -126,18 +126,22 @@ class Committer:
                 f'"sha256":"{sha256}","shape":{shape}}}\n')
 
     def _append(self, indices: list[int], lines: list[str]) -> None:
-        """Append whole lines or none: a failed write (a full disk) is cut back to the last
-        complete line, so the manifest stays one that resume accepts, and the run stops."""
-        if self._store is not None:
-            try:
+        """Make a committed batch's lines durable, whole or not at all (a failure stops the
+        run): one manifest part on an object store, else an append to the manifest file."""
+        try:
+            if self._store is not None:
                 self._store.put_part(indices, lines)
-            except BaseException:
-                self.failed += len(lines)
-                raise
-            self.in_order &= indices[0] > self.last_index
-            self.last_index = indices[-1]
-            return
-        data = "".join(lines).encode()
+            else:
+                self._append_to_file("".join(lines).encode())
+        except BaseException:
+            self.failed += len(lines)
+            raise
+        self.in_order &= indices[0] > self.last_index  # each batch/part is in index order
+        self.last_index = indices[-1]
+
+    def _append_to_file(self, data: bytes) -> None:
+        """Append whole lines: a failed write (a full disk) is cut back to the last complete
+        line, so the manifest stays one that resume accepts."""
         try:
             view = memoryview(data)
             while view:  # os.write may write less than asked (a disk filling up)
@@ -145,7 +149,6 @@ class Committer:
             if self.fsync:
                 os.fsync(self._manifest_fd)
         except OSError as exc:
-            self.failed += len(lines)
             kept = "kept"
             try:
                 os.ftruncate(self._manifest_fd, self._manifest_size)
@@ -156,8 +159,6 @@ class Committer:
                 f"stopped, the images it lists are {kept}: make room and rerun with resume "
                 "(--resume)") from exc
         self._manifest_size += len(data)
-        self.in_order &= indices[0] > self.last_index  # each batch/part is in index order
-        self.last_index = indices[-1]
 
     def _commit_files(self, indices: list[int], metas: list[Meta], shape: str,
                       result: list[tuple[str, int] | None] | None, failed: set[Path]) -> None:

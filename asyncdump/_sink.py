@@ -52,6 +52,7 @@ from ._stores import DEFAULT_RETRY_SECONDS, StoreSpec, is_url, open_destination
 ON_FULL = ("block", "drop", "raise")
 ON_ERROR = ("raise", "warn", "ignore")
 
+_BUILTIN_FIELDS = frozenset(BUILTIN_FIELDS)  # set by asyncdump, never by a submit keyword
 _serial = itertools.count()
 _open_sinks: weakref.WeakSet[AsyncImageSink] = weakref.WeakSet()
 
@@ -156,7 +157,7 @@ class AsyncImageSink:
         its own index and path and each thread's batches keep their order.
         """
         self._owner.check()  # before the lock: a forked child may inherit it held
-        reserved = sorted(fields.keys() & set(BUILTIN_FIELDS))
+        reserved = sorted(fields.keys() & _BUILTIN_FIELDS) if fields else None
         if reserved:
             raise ValueError(f"submit() keyword(s) {reserved} name built-in template fields, which "
                              "asyncdump sets itself (index, batch, rank; step is submit's own "
