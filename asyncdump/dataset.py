@@ -369,13 +369,15 @@ class DatasetSink:
             return self._summary
         self._ranks.barrier()  # every rank's lines are in its manifest file (or parts)
         complete = False
+        problem: str | None = None  # rank 0's merge on a store failed: every rank raises it
         if self._store is not None:  # manifest.jsonl, then the parts are deleted
-            if self.rank == 0:  # every rank's uploader has stopped
-                self._store.abort_unfinished_uploads()
-            if self.world == 1:
-                complete = self._store.merge() == self.layout.count
-            elif self.rank == 0:
-                complete = self._store.merge_all() == self.layout.count
+            if self.rank == 0:
+                try:
+                    complete = self._merge_store()
+                except OSError as exc:
+                    problem = (f"cannot write the manifest of {self.root}: {exc}; every image "
+                               "is stored and listed in its manifest parts: rerun with resume "
+                               "(--resume) to write it")
         elif self.world == 1 and committer.in_order:  # already sorted, without duplicates
             complete = self.skipped + committer.written == self.layout.count
         elif self.rank == 0:
@@ -383,13 +385,23 @@ class DatasetSink:
             write_merged_manifest(self.root, entries, self.fsync)
             complete = len(entries) == self.layout.count
         totals = self._ranks.gather(local)
-        complete = bool(self._ranks.broadcast(complete))
+        complete, problem = self._ranks.broadcast((complete, problem))
         self._summary = DatasetSummary(
             str(self.root), self.mode, sum(t[0] for t in totals), self.skipped,
             sum(t[1] for t in totals), sum(t[2] for t in totals),
-            max(seconds, *self._ranks.gather(seconds)), complete)
+            max(seconds, *self._ranks.gather(seconds)), bool(complete))
         self._ranks.release()
+        if problem is not None:
+            raise DatasetError(problem)
         return self._summary
+
+    def _merge_store(self) -> bool:
+        """Rank 0 once every rank stopped: abort unfinished uploads, PUT ``manifest.jsonl``
+        (all ranks' lines), delete the parts; whether it lists the whole dataset."""
+        assert self._store is not None
+        self._store.abort_unfinished_uploads()
+        merged = self._store.merge() if self.world == 1 else self._store.merge_all()
+        return merged == self.layout.count
 
     @property
     def summary(self) -> DatasetSummary | None:
