@@ -1,6 +1,6 @@
-"""Datasets on an object store (files mode, one rank; tar mode: test_dataset_store_tar.py) against moto's S3 server on loopback:
-the same objects and bytes as a folder run, manifest parts, resume, kill -9, refusals
-(several ranks: tests/test_dataset_store_ranks.py)."""
+"""Datasets on an object store (files mode, one rank; tar mode: test_dataset_store_tar.py)
+against moto's S3 server on loopback: the same objects and bytes as a folder run, manifest
+parts, resume, kill -9, refusals (several ranks: tests/test_dataset_store_ranks.py)."""
 
 from __future__ import annotations
 
