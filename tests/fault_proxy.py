@@ -46,6 +46,8 @@ class FaultProxy:
         self.endpoint = f"http://127.0.0.1:{self._listener.getsockname()[1]}"
         self.plan: Plan = lambda n, method, path: "pass"
         self.counts: Counter[str] = Counter()
+        self.holding = 0  # requests held by "stall" right now
+        self.stall_seconds = SOCKET_TIMEOUT  # a held request goes on after this long
         self._requests = 0
         self._lock = threading.Lock()
         self._released = threading.Event()
@@ -104,7 +106,13 @@ class FaultProxy:
                     conn.sendall(DENIED % (len(DENIED_BODY), DENIED_BODY))
                     return
                 if fault == "stall":
-                    self._released.wait(SOCKET_TIMEOUT)
+                    with self._lock:
+                        self.holding += 1
+                    try:
+                        self._released.wait(self.stall_seconds)
+                    finally:
+                        with self._lock:
+                            self.holding -= 1
                 conn.sendall(self._forward(_with_close(head), body))
             except OSError:
                 return

@@ -149,6 +149,29 @@ def test_a_killed_rank_then_resume_equals_a_clean_run(s3: S3Server, resume_ranks
           f"duplicated 0, PUT again with the same bytes {len(images_left) - skipped}")
 
 
+def test_a_killed_rank_in_tar_mode_then_resume_equals_a_clean_run(s3: S3Server) -> None:
+    bucket = s3.bucket()
+    common = ["--count", "1200", "--shard-size", "20", "--batch-size", "4", "--mode", "tar"]
+    _kill_one_rank_after_parts(["--out", f"s3://{bucket}/killed", *common], s3, bucket, "killed")
+    keys = s3.keys(bucket, "killed/")
+    parts = [k for k in keys if "/manifest.parts/" in k]
+    durable = [json.loads(line) for key in parts for line in s3.get(bucket, key).splitlines()]
+    assert "killed/manifest.jsonl" not in keys and 0 < len(durable) < 1200
+    assert all(f"killed/{str(e['path']).split('/')[0]}" in keys for e in durable)  # tars exist
+    written, skipped = counts(generate("--out", f"s3://{bucket}/killed", *common, "--resume",
+                                       ranks=2))
+    assert skipped >= len(durable) and written + skipped == 1200
+    generate("--out", f"s3://{bucket}/clean", *common)
+    killed, clean = objects(s3, bucket, "killed"), objects(s3, bucket, "clean")
+    assert killed == clean and len(killed) == 2 + 60  # same listing and bytes, no parts left
+    indices = [json.loads(line)["index"] for line in killed["manifest.jsonl"].splitlines()]
+    assert indices == list(range(1200))  # none lost, none twice
+    assert s3.client.list_multipart_uploads(Bucket=bucket).get("Uploads", []) == []
+    tars = len([k for k in keys if k.endswith(".tar")])
+    print(f"2 ranks, tar mode, killed: {tars} tars stored, {len(durable)} images in manifest "
+          f"parts; resume wrote {written}, skipped {skipped}; lost 0, duplicated 0")
+
+
 def test_one_rank_killed_then_two_ranks_resume(s3: S3Server) -> None:
     bucket = s3.bucket()
     common = ["--count", "300", "--shard-size", "40", "--batch-size", "4", *COMMON]

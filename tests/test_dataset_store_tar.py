@@ -247,3 +247,71 @@ def test_a_refused_final_manifest_is_one_line_and_resume_writes_it(
     stored = objects(s3, bucket, "ds")
     assert sorted(stored) == ["dataset.json", "manifest.jsonl", *[f"shard-00000{i}.tar" for i in range(4)]]
     assert len(stored["manifest.jsonl"].splitlines()) == 40
+
+
+def test_an_outage_shorter_than_the_deadline_loses_nothing(s3: S3Server, proxy: FaultProxy,
+                                                           folder_run: dict[str, bytes]) -> None:
+    """Thirty requests in a row, from the first UploadPart on, are refused (connections closed
+    at once): every request is retried until the store answers again."""
+    bucket = s3.bucket()
+    outage: list[int] = []
+
+    def plan(n: int, method: str, path: str) -> str:
+        if "partNumber=" in path or outage:
+            outage.append(n)
+            return "refuse" if len(outage) <= 30 else "pass"
+        return "pass"
+
+    proxy.plan = plan
+    summary = write_dataset(noise, f"s3://{bucket}/ds", batch_size=10,
+                            storage_options={"endpoint_url": proxy.endpoint}, **BIG)
+    assert summary.complete and summary.failed == 0 and proxy.counts["refuse"] == 30
+    stored = objects(s3, bucket, "ds")
+    assert outcome(stored, folder_run) == (130, 0, 0) and stored == folder_run
+
+
+def test_ctrl_c_while_an_upload_hangs_stops_at_once(s3: S3Server, proxy: FaultProxy) -> None:
+    """Every tar PUT is held by the proxy; SIGINT makes ``generate`` exit (130) while the
+    upload is still held: it does not wait for the store. Nothing is left running, and a
+    resume completes the dataset."""
+    import signal
+
+    bucket = s3.bucket()
+    proxy.plan = lambda n, method, path: "stall" if ".tar" in path else "pass"
+    proxy.stall_seconds = 150  # longer than this test waits for the exit
+    # Many more images than the committer's queue holds: the loop is blocked in submit, not
+    # yet closing, when SIGINT comes.
+    common = ["--out", f"s3://{bucket}/ds", "--count", "2000", "--size", "16", "--shard-size",
+              "10", "--batch-size", "4", "--workers", "1", "--device", "cpu", "--mode", "tar",
+              "--no-progress"]
+    process = subprocess.Popen([sys.executable, "-m", "asyncdump", "generate", *common,
+                                "--storage-option", f"endpoint_url={proxy.endpoint}"],
+                               env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    job = psutil.Process(process.pid)
+    try:
+        for _ in range(1200):  # bounded: up to 120 s for the first held upload
+            if proxy.holding or process.poll() is not None:
+                break
+            threading.Event().wait(0.1)
+        assert proxy.holding and process.poll() is None
+        children = job.children(recursive=True)
+        assert any("asyncdump._uploader" in " ".join(c.cmdline()) for c in children)
+        process.send_signal(signal.SIGINT)
+        for _ in range(1000):  # bounded: 100 s, while the proxy holds the upload for 150 s
+            if process.poll() is not None:
+                break
+            threading.Event().wait(0.1)
+        assert process.poll() == 130 and proxy.holding, "generate waited for the held upload"
+        assert "interrupted" in process.communicate(timeout=30)[1].decode()
+        _, alive = psutil.wait_procs(children, timeout=30)
+        assert alive == []  # workers and uploader ended with it
+    finally:
+        proxy.release()
+        if process.poll() is None:
+            process.kill()
+        process.wait(30)
+    done = subprocess.run([sys.executable, "-m", "asyncdump", "generate", *common, "--resume"],
+                          capture_output=True, text=True, timeout=150, env=env())
+    assert done.returncode == 0, done.stderr
+    assert len(objects(s3, bucket, "ds")) == 2 + 200
+    assert unfinished_uploads(s3, bucket) == []
