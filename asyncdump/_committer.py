@@ -8,6 +8,9 @@ the counts (see ``asyncdump.dataset`` for the path of one batch).
            ``key.<ext>``, ``key.cls`` (when the label is an int) and ``key.json`` members to
            the hidden ``.shard-N.tar.tmp``; when the shard (or a part of ``shard_bytes``) is
            complete: close, rename to ``shard-N.tar``, then append its manifest lines
+           (on an object store: the part is written to an unnamed spool file and uploaded
+           by the uploader process, ``_shard_upload``; its lines are PUT once the store
+           acknowledged it, and at most ``UPLOADS_WAITING`` parts wait for that)
 """
 
 from __future__ import annotations
@@ -24,12 +27,14 @@ from typing import TYPE_CHECKING, Any
 from ._errors import AsyncDumpError, DatasetError
 from ._manifest import Layout
 from ._metadata import Meta
+from ._shard_upload import ShardUploader
 from ._tar import TAR_BLOCK, TarPart, member_bytes
 
 if TYPE_CHECKING:
     from ._store_dataset import StoreDataset
 
 QUEUED_BATCHES = 32  # batches handed to the committer and not yet committed
+UPLOADS_WAITING = 2  # tar parts on a store handed to the uploader and not yet acknowledged
 
 _Batch = tuple[concurrent.futures.Future[Any], list[int], list[Meta], str]
 
@@ -53,6 +58,8 @@ class Committer:
         self.written = self.failed = self.bytes = 0
         self.error: BaseException | None = None
         self._tar: TarPart | None = None
+        self._uploader = ShardUploader(store.spec) if store is not None and mode == "tar" else None
+        self._uploading: dict[int, TarPart] = {}  # upload id -> the part, oldest first
         self._failed_shards: set[int] = set()
         self._bar: Any = None
         self._thread: threading.Thread | None = None
@@ -80,8 +87,19 @@ class Committer:
             self._thread.join()
         self.release()
 
+    def abandon_uploads(self) -> None:
+        """Any thread (Ctrl-C): stop uploading tar parts now; those not yet acknowledged fail
+        (a resume writes their images again)."""
+        if self._uploader is not None:
+            self._uploader.abandon()
+
     def release(self) -> None:
-        """Close the manifest (also when the thread never started)."""
+        """Close the manifest and the uploader (also when the thread never started)."""
+        if self._uploader is not None:
+            for part in self._uploading.values():
+                part.discard()
+            self._uploading.clear()
+            self._uploader.close()
         if self._manifest_fd >= 0:
             os.close(self._manifest_fd)
             self._manifest_fd = -1
@@ -99,6 +117,8 @@ class Committer:
                 result, failed = None, {self._failed_key(p) for p, _ in exc.failures}
             except BaseException:  # cancelled or broken sink: the whole batch is lost
                 result, failed = None, set()
+            if self._uploading:
+                self._settle_uploads(block=False)
             if self.error is not None:
                 self.failed += len(indices)
                 continue
@@ -113,6 +133,8 @@ class Committer:
             if self._bar is not None:
                 self._bar.update(len(indices))
         self._abort_part()  # a part still open here is incomplete (the run stopped early)
+        while self._uploading:  # every part handed to the uploader is answered
+            self._settle_uploads(block=True)
 
     def _failed_key(self, path: Any) -> Any:
         """A failed image's path as ``_commit_files`` looks it up (a URL stays a str)."""
@@ -196,7 +218,8 @@ class Committer:
                 self._close_part()
             if self._tar is None:
                 part = self._next_part.get(shard, 0)
-                self._tar = TarPart(self.root, self.layout.tar_name(shard, part), shard)
+                self._tar = TarPart(None if self._uploader is not None else self.root,
+                                    self.layout.tar_name(shard, part), shard)
             key = self.layout.key(index)
             offset = self._tar.add(key + self.layout.extension, data)
             if meta.cls:  # WebDataset's convention: .to_tuple("png", "cls") finds the label
@@ -220,9 +243,39 @@ class Committer:
             part.discard()
             raise
         self._next_part[part.shard] = self._next_part.get(part.shard, 0) + 1
+        if self._uploader is not None:
+            assert self._store is not None
+            upload_id = self._uploader.submit(part.handle, self._store.store.url_for(part.name),
+                                              part.size)
+            self._uploading[upload_id] = part
+            while len(self._uploading) > UPLOADS_WAITING:  # a slow store: wait here, the
+                self._settle_uploads(block=True)  # queue fills and submit() blocks
+            return
+        self._commit_part(part)
+
+    def _commit_part(self, part: TarPart) -> None:
         self._append(part.indices, part.lines)
         self.written += len(part.lines)
         self.bytes += part.image_bytes
+
+    def _settle_uploads(self, block: bool) -> None:
+        """Commit the parts whose upload the store acknowledged, in order; a failed upload
+        stops the run (as a full disk does) and its images count as failed."""
+        assert self._uploader is not None
+        for upload_id, error in self._uploader.answers(block):
+            part = self._uploading.pop(upload_id)
+            part.discard()  # the spool file: its bytes are on the store, or lost
+            if error is not None or self.error is not None:
+                self.failed += len(part.lines)
+                if error is not None and self.error is None:
+                    self.error = DatasetError(
+                        f"cannot upload the tar part {part.name}: {error}; stopped, the images "
+                        "the manifest lists are kept: rerun with resume (--resume)")
+                continue
+            try:
+                self._commit_part(part)
+            except BaseException as exc:
+                self.error = exc
 
     def _abort_part(self) -> None:
         if self._tar is not None:

@@ -17,7 +17,7 @@ import json
 import os
 import re
 import tarfile
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -225,6 +225,26 @@ def durable_entries(root: Path, layout: Layout,
     """Keep entries whose bytes are on disk; in tar mode only whole shards' complete prefixes."""
     if layout.mode == "files":
         return {i: e for i, e in entries.items() if (root / e["path"]).is_file()}
+
+    def size_of(tar: str) -> int | None:
+        try:
+            return (root / tar).stat().st_size
+        except OSError:
+            return None
+    # A part's lines are appended after it is renamed, so only the last part of a shard can
+    # have fewer lines than images (a torn or lost last line, or a full disk).
+    return durable_tar_entries(layout, entries, size_of,
+                               lambda tar, last: _lists_every_image(root / tar, last))
+
+
+def durable_tar_entries(layout: Layout, entries: dict[int, dict[str, Any]],
+                        size_of: Callable[[str], int | None],
+                        lists_every_image: Callable[[str, dict[str, Any]], bool] | None = None,
+                        ) -> dict[int, dict[str, Any]]:
+    """Tar mode: keep each shard's entries when they are a prefix of the shard and every tar
+    they name (``size_of``: its size, None if missing) holds their bytes. When the last part
+    may list fewer images than it holds (``lists_every_image(tar, its last entry)`` says
+    False), its entries are dropped: its images are written again into the same part name."""
     kept: dict[int, dict[str, Any]] = {}
     by_shard: dict[int, list[dict[str, Any]]] = {}
     for index, entry in entries.items():
@@ -233,24 +253,22 @@ def durable_entries(root: Path, layout: Layout,
         items.sort(key=lambda e: e["index"])
         first = layout.shard_range(shard).start
         prefix = [e["index"] for e in items] == list(range(first, first + len(items)))
-        tars = {e["path"].split("/", 1)[0] for e in items}
-        sizes = {}
-        for tar in tars:
-            with contextlib.suppress(OSError):
-                sizes[tar] = (root / tar).stat().st_size
-        intact = all(e["path"].split("/", 1)[0] in sizes and
-                     int(e.get("offset", 0)) + int(e.get("bytes", 0))
-                     <= sizes[e["path"].split("/", 1)[0]] for e in items)
+        sizes = {tar: size_of(tar) for tar in {_tar_of(e) for e in items}}
+        intact = all(sizes[_tar_of(e)] is not None and
+                     int(e.get("offset", 0)) + int(e.get("bytes", 0)) <= (sizes[_tar_of(e)] or 0)
+                     for e in items)
         if not (prefix and intact):  # the whole shard is written again (same bytes)
             continue
-        # A part's lines are appended after it is renamed, so only the last part of a shard
-        # can have fewer lines than images (a torn or lost last line, or a full disk). Its
-        # images are written again into the same part name, not into a new part after it.
-        last = items[-1]["path"].split("/", 1)[0]
-        if not _lists_every_image(root / last, items[-1]):
-            items = [e for e in items if e["path"].split("/", 1)[0] != last]
+        last = _tar_of(items[-1])
+        if lists_every_image is not None and not lists_every_image(last, items[-1]):
+            items = [e for e in items if _tar_of(e) != last]
         kept.update((e["index"], e) for e in items)
     return kept
+
+
+def _tar_of(entry: dict[str, Any]) -> str:
+    """The tar part a tar-mode entry's image is in (its path is ``<tar>/<member>``)."""
+    return str(entry["path"]).split("/", 1)[0]
 
 
 def _lists_every_image(tar: Path, last: dict[str, Any]) -> bool:

@@ -93,26 +93,31 @@ class WorkerProcess:
             return 0
 
 
-def start_worker(buffer_fd: int, buffer_bytes: int) -> WorkerProcess:
-    """Start one worker with SIGINT blocked until it has set SIGINT to ignored.
+def start_helper(module: str, args: list[str], pass_fds: tuple[int, ...]) -> subprocess.Popen[bytes]:
+    """Start ``python -m module *args PARENT_PID`` with SIGINT blocked until it has set SIGINT
+    to ignored (the parent decides what Ctrl-C stops).
 
     Call from a long-lived thread: PR_SET_PDEATHSIG fires when the starting *thread* exits.
     """
-    parent_end, child_end = socket.socketpair()
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(p for p in (_PACKAGE_PARENT, env.get("PYTHONPATH")) if p)
     env.setdefault("OMP_NUM_THREADS", "1")
     old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
     try:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "asyncdump._worker", str(child_end.fileno()),
-             str(buffer_fd), str(buffer_bytes), str(os.getpid())],
-            pass_fds=(child_end.fileno(), buffer_fd),
-            stdin=subprocess.DEVNULL,
-            env=env,
-        )
+        return subprocess.Popen([sys.executable, "-m", module, *args, str(os.getpid())],
+                                pass_fds=pass_fds, stdin=subprocess.DEVNULL, env=env)
     finally:
         signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
+
+
+def start_worker(buffer_fd: int, buffer_bytes: int) -> WorkerProcess:
+    """Start one worker (``start_helper``): its socket and the buffer's fd are passed."""
+    parent_end, child_end = socket.socketpair()
+    try:
+        process = start_helper("asyncdump._worker",
+                               [str(child_end.fileno()), str(buffer_fd), str(buffer_bytes)],
+                               (child_end.fileno(), buffer_fd))
+    finally:
         child_end.close()  # only the worker holds it now: its death is EOF on parent_end
     conn = Connection(os.dup(parent_end.fileno()))
     return WorkerProcess(process, conn, parent_end)

@@ -1,7 +1,10 @@
-"""A dataset on an object store (files mode, any number of ranks): its manifest without append.
+"""A dataset on an object store (files or tar mode, any number of ranks): its manifest
+without append.
 
     PREFIX/dataset.json                            the job's parameters, PUT first (as in a folder)
-    PREFIX/<shard>/<index>.<ext>                   one PUT per image, by the workers
+    PREFIX/<shard>/<index>.<ext>                   files mode: one PUT per image, by the workers
+    PREFIX/shard-<shard>[-<part>].tar              tar mode: one multipart upload per part, by
+                                                   the uploader process (``_shard_upload``)
     PREFIX/manifest.parts/rank-<r>/<seq>.jsonl     one object per committed batch of rank r
     PREFIX/manifest.jsonl                          merged, sorted by index: PUT at resume and close
 
@@ -16,6 +19,10 @@ Under several ranks, as in a folder: rank 0 alone runs ``prepare`` (the others w
 verdict), then every other rank reads ``manifest.jsonl`` and any parts (``read_entries``);
 each rank PUTs its parts under ``rank-<r>``; after the closing barrier rank 0 reads the other
 ranks' parts and merges them all (``merge_all``).
+
+Tar parts are multipart uploads: an upload whose process was killed stays unfinished (never
+visible, but billed) until rank 0 aborts every unfinished upload under the prefix at resume
+and at a normal close (S3 only; tar mode needs S3's multipart API).
 """
 
 from __future__ import annotations
@@ -25,8 +32,17 @@ import re
 from typing import Any
 
 from ._errors import DatasetError
-from ._manifest import DATASET_FILE, MANIFEST_FILE, Layout, compare_job, dumps_line, parse_manifest
-from ._stores import DEFAULT_RETRY_SECONDS, open_destination
+from ._manifest import (
+    DATASET_FILE,
+    MANIFEST_FILE,
+    Layout,
+    compare_job,
+    dumps_line,
+    durable_tar_entries,
+    parse_manifest,
+)
+from ._stores import DEFAULT_RETRY_SECONDS, StoreSpec, open_destination
+from ._stores._multipart import abort_uploads
 from ._stores._retry import StoreError, with_retries
 
 PARTS = "manifest.parts"
@@ -46,6 +62,12 @@ class StoreDataset:
                  retry_seconds: float = DEFAULT_RETRY_SECONDS, rank: int = 0):
         self.store = open_destination(url, storage_options, retry_seconds=retry_seconds)
         self.url: str = self.store.url
+        if layout.mode == "tar" and self.store.scheme != "s3":
+            raise ValueError(f"{url}: tar mode on an object store needs S3's multipart uploads "
+                             "(s3:// and the stores that speak its API); files mode works with "
+                             "any fsspec store")
+        # What the uploader process opens (tar mode): the same store, parts may be replaced.
+        self.spec = StoreSpec(self.url, dict(storage_options or {}), True, retry_seconds)
         self.layout = layout
         self._fs = self.store.fs
         self._base = self._fs._strip_protocol(self.url).rstrip("/")
@@ -114,7 +136,11 @@ class StoreDataset:
         parts = sorted(name for name in listing if _PART.match(name))
         for name in ([MANIFEST_FILE] if MANIFEST_FILE in listing else []) + parts:
             parse_manifest(name, _text(self, name), self.layout.count, entries)
-        durable = {i: e for i, e in entries.items() if _durable(e, listing)}
+        if self.layout.mode == "tar":
+            durable = durable_tar_entries(self.layout, entries, listing.get)
+            abort_uploads(self._fs, self.url)  # a killed run's unfinished uploads
+        else:
+            durable = {i: e for i, e in entries.items() if _durable(e, listing)}
         self._next_seq = _next_seq(parts, self.rank)
         self._lines = {i: dumps_line(durable[i]) for i in sorted(durable)}
         self._parts = parts
@@ -167,6 +193,13 @@ class StoreDataset:
         self._delete(self._parts)
         self._parts = []
         return len(self._lines)
+
+    def abort_unfinished_uploads(self) -> int:
+        """Rank 0 once every rank stopped uploading (tar mode): abort the multipart uploads a
+        killed uploader left; how many."""
+        if self.layout.mode != "tar":
+            return 0
+        return abort_uploads(self._fs, self.url)
 
     def undo(self) -> None:
         """No image was written: delete what this run created (a new dataset only)."""

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import os
 import tarfile
+import tempfile
 from pathlib import Path
+from typing import IO
 
 from ._fsutil import fsync_folder, temp_name, unlink_quietly
 
@@ -55,15 +57,24 @@ def member_bytes(size: int) -> int:
 
 
 class TarPart:
-    """One tar being written: hidden temp name, deterministic headers, renamed when complete."""
+    """One tar being written: hidden temp name, deterministic headers, renamed when complete.
 
-    def __init__(self, root: Path, name: str, shard: int):
+    ``root=None``: a part for an object store, written to an unnamed spool file in the system's
+    temp folder (``tempfile``: O_TMPFILE, so a killed run leaves nothing), uploaded once
+    finished (``_shard_upload``) and closed by ``discard``."""
+
+    def __init__(self, root: Path | None, name: str, shard: int):
         self.name, self.shard = name, shard
-        self.final = root / name
-        self.temp = root / temp_name(name, str(os.getpid()))
         # A 1 MiB buffer: one write(2) per ~20 images instead of one or two per member
         # (measured: 24 -> 12 us of parent CPU per 256² image with three members).
-        self.handle = open(self.temp, "wb", buffering=WRITE_BUFFER)  # noqa: SIM115 (closed in finish/discard)
+        self.handle: IO[bytes]
+        if root is None:
+            self.final = self.temp = None
+            self.handle = tempfile.TemporaryFile(buffering=WRITE_BUFFER)  # noqa: SIM115
+        else:
+            self.final = root / name
+            self.temp = root / temp_name(name, str(os.getpid()))
+            self.handle = open(self.temp, "wb", buffering=WRITE_BUFFER)  # noqa: SIM115 (closed in finish/discard)
         self.size = 0
         self.indices: list[int] = []  # of the images in it, with their manifest lines
         self.lines: list[str] = []
@@ -82,7 +93,10 @@ class TarPart:
     def finish(self, fsync: bool) -> None:
         # Two zero blocks end the archive; no padding to a 10 KiB record, so shard_bytes is exact.
         self.handle.write(b"\0" * (2 * TAR_BLOCK))
+        self.size += 2 * TAR_BLOCK
         self.handle.flush()
+        if self.final is None or self.temp is None:  # spooled: the uploader reads it next
+            return
         if fsync:
             os.fsync(self.handle.fileno())
         self.handle.close()
@@ -96,4 +110,5 @@ class TarPart:
         except OSError:
             pass
         finally:
-            unlink_quietly(self.temp)
+            if self.temp is not None:
+                unlink_quietly(self.temp)

@@ -23,7 +23,8 @@ depend on the number of ranks or workers.
 Its parts: ``_manifest`` (names, ``dataset.json``, the manifest, resume state), ``_committer``
 (the committer thread), ``_tar`` (tar parts), ``_metadata`` (per-image metadata JSON),
 ``_ranks`` (rank, world size, collectives), ``_schedule`` (this rank's pending indices) and
-``_store_dataset`` (a root that is an object-store URL: files mode).
+``_store_dataset`` (a root that is an object-store URL; tar parts are uploaded by
+``_shard_upload``).
 """
 
 from __future__ import annotations
@@ -66,7 +67,6 @@ __all__ = ["DatasetError", "DatasetSink", "DatasetSummary", "write_dataset"]
 
 MODES = ("files", "tar")
 MAX_WORKERS = 1024  # per rank: more is a typo, not a machine
-STORE_SUPPORT = "datasets on an object store are written in files mode so far"
 
 
 @dataclass(frozen=True)
@@ -92,7 +92,7 @@ class DatasetSink:
 
     Args:
         root: output folder (created if missing), or an object-store prefix
-            (``"s3://bucket/prefix"``: files mode so far; docs/object-storage.md).
+            (``"s3://bucket/prefix"``; tar mode needs S3; docs/object-storage.md).
         count: number of images in the whole dataset (all ranks together).
         format, quality, workers, max_buffer_bytes, fsync, png_encoder: as for
             ``AsyncImageSink``; the resolved encoder is recorded in ``dataset.json`` and a
@@ -146,7 +146,7 @@ class DatasetSink:
         codec = get_codec(format)
         encode_params(codec, quality)
         self.png_encoder = check_png_encoder(png_encoder, codec, quality)
-        self._storage_options = _check_store_root(root, mode, storage_options)
+        self._storage_options = _check_store_root(root, storage_options)
         self.root: Any  # a Path, or the URL (str) of an object-store prefix
         self.root = root if self._storage_options is not None else Path(os.path.abspath(os.fspath(root)))
         self.mode = mode
@@ -335,11 +335,13 @@ class DatasetSink:
         """Write everything submitted, finish the manifest, and return the summary."""
         return self._finish(normal=True)
 
-    def _finish(self, normal: bool) -> DatasetSummary:
+    def _finish(self, normal: bool, interrupted: bool = False) -> DatasetSummary:
         self._owner.check()
         if self._summary is not None:
             return self._summary
         self._closed = True
+        if interrupted:  # Ctrl-C: do not wait for a slow store (a resume redoes those parts)
+            self._committer.abandon_uploads()
         try:
             self._sink.close()
         finally:
@@ -353,6 +355,7 @@ class DatasetSink:
             if self._store is not None and self.world == 1:  # manifest.jsonl, parts deleted
                 with contextlib.suppress(OSError):  # the parts stay: resume reads them
                     self._store.merge()  # (several ranks: every part stays for resume)
+                    self._store.abort_unfinished_uploads()
             elif self.world == 1:  # a clean sorted manifest even after an error
                 with contextlib.suppress(OSError):  # a full disk: the appended one stays
                     write_merged_manifest(self.root, read_manifests(self.root, self.layout.count),
@@ -366,11 +369,15 @@ class DatasetSink:
             return self._summary
         self._ranks.barrier()  # every rank's lines are in its manifest file (or parts)
         complete = False
+        problem: str | None = None  # rank 0's merge on a store failed: every rank raises it
         if self._store is not None:  # manifest.jsonl, then the parts are deleted
-            if self.world == 1:
-                complete = self._store.merge() == self.layout.count
-            elif self.rank == 0:
-                complete = self._store.merge_all() == self.layout.count
+            if self.rank == 0:
+                try:
+                    complete = self._merge_store()
+                except OSError as exc:
+                    problem = (f"cannot write the manifest of {self.root}: {exc}; every image "
+                               "is stored and listed in its manifest parts: rerun with resume "
+                               "(--resume) to write it")
         elif self.world == 1 and committer.in_order:  # already sorted, without duplicates
             complete = self.skipped + committer.written == self.layout.count
         elif self.rank == 0:
@@ -378,13 +385,23 @@ class DatasetSink:
             write_merged_manifest(self.root, entries, self.fsync)
             complete = len(entries) == self.layout.count
         totals = self._ranks.gather(local)
-        complete = bool(self._ranks.broadcast(complete))
+        complete, problem = self._ranks.broadcast((complete, problem))
         self._summary = DatasetSummary(
             str(self.root), self.mode, sum(t[0] for t in totals), self.skipped,
             sum(t[1] for t in totals), sum(t[2] for t in totals),
-            max(seconds, *self._ranks.gather(seconds)), complete)
+            max(seconds, *self._ranks.gather(seconds)), bool(complete))
         self._ranks.release()
+        if problem is not None:
+            raise DatasetError(problem)
         return self._summary
+
+    def _merge_store(self) -> bool:
+        """Rank 0 once every rank stopped: abort unfinished uploads, PUT ``manifest.jsonl``
+        (all ranks' lines), delete the parts; whether it lists the whole dataset."""
+        assert self._store is not None
+        self._store.abort_unfinished_uploads()
+        merged = self._store.merge() if self.world == 1 else self._store.merge_all()
+        return merged == self.layout.count
 
     @property
     def summary(self) -> DatasetSummary | None:
@@ -396,7 +413,8 @@ class DatasetSink:
 
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
                  tb: TracebackType | None) -> None:
-        self._finish(normal=exc_type is None)
+        self._finish(normal=exc_type is None,
+                     interrupted=exc_type is not None and not issubclass(exc_type, Exception))
 
 
 def write_dataset(
@@ -422,19 +440,15 @@ def write_dataset(
     return sink.summary
 
 
-def _check_store_root(root: Any, mode: str,
-                      storage_options: dict[str, Any] | None) -> dict[str, Any] | None:
+def _check_store_root(root: Any, storage_options: dict[str, Any] | None) -> dict[str, Any] | None:
     """For an object-store root, its storage options (``{}`` when none); None for a folder.
 
-    A URL never becomes a local folder; what a store does not support yet is refused here."""
+    A URL never becomes a local folder."""
     if not is_url(root):
         if storage_options is not None:
             raise ValueError("storage_options is only for object-store roots (scheme://...), "
                              f"got a local root {os.fspath(root)!r}")
         return None
-    if mode != "files":
-        raise ValueError(f"{root}: {STORE_SUPPORT} (mode={mode!r} is not); write tar shards to "
-                         "a folder and upload them")
     if storage_options is not None and not isinstance(storage_options, dict):
         raise TypeError(f"storage_options must be a dict, got {type(storage_options).__name__}")
     return dict(storage_options or {})

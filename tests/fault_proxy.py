@@ -7,6 +7,7 @@ every request meets the proxy's current fault plan:
     "refuse"    close the connection at once, before reading anything (an outage)
     "reset"     read part of the body, then reset the connection (RST) mid-body
     "slowdown"  read it whole and answer 503 SlowDown, as S3 does when throttling
+    "deny"      read it whole and answer 403 AccessDenied (a permanent error)
     "stall"     hold it until ``release()`` (a server that stopped answering)
 
 ``plan(n, method, path)`` picks the fault of the n-th request; counters record what happened.
@@ -26,6 +27,10 @@ SLOWDOWN = (b"HTTP/1.1 503 Slow Down\r\nContent-Type: application/xml\r\nConnect
             b"Content-Length: %d\r\n\r\n%s")
 SLOWDOWN_BODY = (b'<?xml version="1.0" encoding="UTF-8"?><Error><Code>SlowDown</Code>'
                  b"<Message>Please reduce your request rate.</Message></Error>")
+DENIED = (b"HTTP/1.1 403 Forbidden\r\nContent-Type: application/xml\r\nConnection: close\r\n"
+          b"Content-Length: %d\r\n\r\n%s")
+DENIED_BODY = (b'<?xml version="1.0" encoding="UTF-8"?><Error><Code>AccessDenied</Code>'
+               b"<Message>Access Denied</Message></Error>")
 
 Plan = Callable[[int, str, str], str]
 
@@ -94,6 +99,9 @@ class FaultProxy:
                 body = _read_exact(conn, body_start, length - len(body_start))
                 if fault == "slowdown":
                     conn.sendall(SLOWDOWN % (len(SLOWDOWN_BODY), SLOWDOWN_BODY))
+                    return
+                if fault == "deny":
+                    conn.sendall(DENIED % (len(DENIED_BODY), DENIED_BODY))
                     return
                 if fault == "stall":
                     self._released.wait(SOCKET_TIMEOUT)

@@ -1,6 +1,6 @@
-"""Datasets on an object store (files mode, one rank) against moto's S3 server on loopback:
-the same objects and bytes as a folder run, manifest parts, resume, kill -9, refusals
-(several ranks: tests/test_dataset_store_ranks.py)."""
+"""Datasets on an object store (files mode, one rank; tar mode: test_dataset_store_tar.py)
+against moto's S3 server on loopback: the same objects and bytes as a folder run, manifest
+parts, resume, kill -9, refusals (several ranks: tests/test_dataset_store_ranks.py)."""
 
 from __future__ import annotations
 
@@ -183,15 +183,8 @@ def test_storage_options_reach_the_dataset(s3: S3Server, monkeypatch: pytest.Mon
     assert len(s3.keys(bucket, "cli/")) == 5
 
 
-def test_what_a_store_does_not_support_yet_is_refused(s3: S3Server, in_tmp: Path,
-                                                      capsys: pytest.CaptureFixture[str]) -> None:
+def test_storage_options_and_their_values_are_checked(s3: S3Server, in_tmp: Path) -> None:
     bucket = s3.bucket()
-    with pytest.raises(ValueError, match="files mode so far"):
-        DatasetSink(f"s3://{bucket}/t", count=4, mode="tar")
-    assert main(["generate", "--out", f"s3://{bucket}/t", "--count", "4", "--mode", "tar",
-                 "--no-progress"]) == 2
-    err = capsys.readouterr().err.strip()
-    assert "files mode so far" in err and len(err.splitlines()) == 1
     with pytest.raises(ValueError, match="storage_options is only for object-store roots"):
         DatasetSink(in_tmp / "local", count=4, storage_options={"anon": True})
     assert main(["generate", "--out", "local", "--count", "4", "--storage-option", "a=b"]) == 2

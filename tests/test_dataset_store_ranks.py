@@ -1,5 +1,6 @@
 """Datasets on an object store under several ranks (torchrun, 2 ranks, gloo on loopback) against
-moto's S3 server: the same objects and bytes as one rank and as a folder; a rank killed with
+moto's S3 server: the same objects and bytes as one rank and as a folder (files and tar
+mode); a rank killed with
 SIGKILL mid-run, then ``--resume`` (with 2 ranks, or with 1; a killed 1-rank run resumed by
 2), equals a clean run; rank 0's refusals reach every rank."""
 
@@ -55,9 +56,10 @@ def counts(stdout: str) -> tuple[int, int]:
     return int(line.split(":")[1].split()[0]), int(line.split("(")[1].split()[0])
 
 
-def test_two_ranks_equal_one_rank_and_a_folder(s3: S3Server, tmp_path: Path) -> None:
+@pytest.mark.parametrize("mode", ["files", "tar"])
+def test_two_ranks_equal_one_rank_and_a_folder(s3: S3Server, tmp_path: Path, mode: str) -> None:
     bucket = s3.bucket()
-    common = ["--count", "200", "--shard-size", "30", "--batch-size", "8"]
+    common = ["--count", "200", "--shard-size", "30", "--batch-size", "8", "--mode", mode]
     two = generate("--out", f"s3://{bucket}/two", *common, ranks=2)
     assert "200 images written (0 already there)" in two and "2 rank(s)" in two
     generate("--out", f"s3://{bucket}/one", *common)
@@ -68,6 +70,7 @@ def test_two_ranks_equal_one_rank_and_a_folder(s3: S3Server, tmp_path: Path) -> 
     assert [e["index"] for e in manifest] == list(range(200))  # both ranks', once each
     assert stored == objects(s3, bucket, "one")  # same keys, same bytes
     assert stored == tree(tmp_path / "folder")
+    assert s3.client.list_multipart_uploads(Bucket=bucket).get("Uploads", []) == []
 
 
 def _kill_one_rank_after_parts(args: list[str], s3: S3Server, bucket: str, prefix: str) -> None:

@@ -1,0 +1,69 @@
+"""The uploader process of a dataset's tar shards on an object store.
+
+    python -m asyncdump._uploader SOCKET_FD PARENT_PID
+
+Started by ``_shard_upload.ShardUploader``. Over its SOCK_SEQPACKET socket it receives the
+store's ``StoreSpec`` (pickled), then one message per tar part: ``(upload_id, url, size)``
+with the part's unnamed spool file attached as a descriptor (SCM_RIGHTS). It uploads the part
+(``_stores._multipart.upload_file``) and answers ``(upload_id, None)`` or
+``(upload_id, error text)``. It exits when the parent closes the socket, or dies with it
+(PR_SET_PDEATHSIG). Imports fsspec and its plugin, never torch or cv2.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import os
+import pickle
+import signal
+import socket
+import sys
+
+MAX_MESSAGE = 1 << 20
+
+_PR_SET_PDEATHSIG = 1
+
+
+def _install_signals(parent_pid: int) -> None:
+    # Ctrl-C reaches the whole process group: the parent decides (it kills us when it must).
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+    if sys.platform.startswith("linux"):
+        with contextlib.suppress(OSError, AttributeError):
+            ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    if os.getppid() != parent_pid:  # the parent died before prctl took effect
+        os._exit(0)
+
+
+def main(argv: list[str]) -> int:
+    sock = socket.socket(fileno=int(argv[1]))
+    _install_signals(int(argv[2]))
+    from asyncdump._stores import open_store
+    from asyncdump._stores._multipart import upload_file
+
+    first = sock.recv(MAX_MESSAGE)
+    if not first:
+        return 0
+    store = open_store(pickle.loads(first))
+    while True:
+        message, fds, _, _ = socket.recv_fds(sock, MAX_MESSAGE, 1)
+        if not message:
+            return 0  # the parent closed the socket: nothing more to upload
+        upload_id, url, size = pickle.loads(message)
+        error = None
+        try:
+            upload_file(store, url, fds[0], size)
+        except Exception as exc:
+            error = str(exc) or type(exc).__name__
+        finally:
+            for fd in fds:
+                os.close(fd)
+        try:
+            sock.send(pickle.dumps((upload_id, error)))
+        except OSError:
+            return 0  # the parent is gone
+
+
+if __name__ == "__main__":
+    os._exit(main(sys.argv))
