@@ -52,12 +52,14 @@ def check_parts(result: dict[str, Any], rounds: int) -> None:
         assert row["written"] == row["expected"] == 12 and row["same_as_folder"]
     assert len(files["ratios"]["rounds"]) == rounds
     tar = result["tar"]
-    if "skipped" in tar:  # until tar mode on a store exists
-        assert "files mode" in tar["skipped"]
-    else:
-        assert set(tar["writers"]) == {"store", "folder", "plain"}
-        assert tar["written"] == tar["expected"] == 2 * rounds * 12
-        assert tar["objects"] == tar["objects_expected"] == rounds * tar["shards"] == rounds * 3
+    assert set(tar["writers"]) == {"store", "folder", "plain"}
+    assert tar["written"] == tar["expected"] == 2 * rounds * 12
+    assert tar["objects"] == tar["objects_expected"] == rounds * tar["shards"] == rounds * 3
+    for row in tar["writers"]["store"]["rounds"]:
+        assert row["written"] == row["expected"] == 12 and row["same_as_folder"]
+    for part in (files, tar):
+        for row in part["writers"]["store"]["rounds"]:
+            assert row["parent_startup_cpu_s"] > 0 and row["workers_cpu_ms"] > 0
     loop = result["loop"]["contenders"]
     assert set(loop) == {"none", "asyncdump_folder", "asyncdump_store"}
     assert loop["asyncdump_store"]["written"] == loop["asyncdump_store"]["expected"] == rounds * 2 * 2
@@ -71,8 +73,9 @@ def test_scenario_starts_moto_measures_everything_and_stops_it(tmp_path: Path) -
     assert result["server"].startswith("moto_server")
     check_parts(result, rounds=2)
     assert "files bare" in done.stderr  # the bench's own server takes bare HTTP PUTs
-    for heading in ("**Files mode**", "| writer | images/s |", "**The parent's CPU per image**",
-                    "store root − folder root, loop overhead", "| `asyncdump_store` |"):
+    for heading in ("**Files mode**", "**Tar mode**", "| writer | images/s |",
+                    "**The parent's CPU per image**", "store root − folder root, loop overhead",
+                    "| `asyncdump_store` |"):
         assert heading in done.stdout
     targets = [t["target"] for t in document["targets"]]
     assert sum(t.startswith("scenario 9:") for t in targets) >= 4
