@@ -508,7 +508,12 @@ def _summarise(rounds: dict[str, list[dict[str, Any]]], count: int, baseline: st
     n = min(len(v) for v in rounds.values())
     for i in range(n):
         store, folder, plain = rounds["store"][i], rounds["folder"][i], rounds[baseline][i]
+        # The slower of generating into a folder and uploading the finished bytes: what a
+        # perfect overlap of the two would reach on this machine.
+        bound = min(folder["images_per_second"], plain["images_per_second"])
         row = {"store_vs_plain": store["images_per_second"] / plain["images_per_second"],
+               "store_vs_bound": store["images_per_second"] / bound,
+               "folder_vs_plain": folder["images_per_second"] / plain["images_per_second"],
                "parent_cpu_store_vs_folder": store["parent_cpu_ms"] / folder["parent_cpu_ms"],
                "parent_cpu_beyond_render_store_vs_folder":
                    store["parent_cpu_beyond_render_ms"] / folder["parent_cpu_beyond_render_ms"],
@@ -637,6 +642,8 @@ def table(result: dict[str, Any]) -> str:
         "folder": "`write_dataset` → folder, files mode"}))
     fr = files["ratios"]["summary"]
     ratio_names = {"store_vs_plain": "`write_dataset` → store / plain pool",
+                   "folder_vs_plain": "`write_dataset` → folder / plain pool",
+                   "store_vs_bound": "`write_dataset` → store / the slower of folder and plain pool",
                    "plain_vs_ceiling": "plain pool / ceiling through the same client",
                    "store_vs_ceiling": "`write_dataset` → store / ceiling through the same client",
                    "plain_vs_bare": "plain pool / the server's bare-HTTP ceiling",
@@ -655,7 +662,11 @@ def table(result: dict[str, Any]) -> str:
                       "store": "`write_dataset` → store, tar mode (as `generate`)",
                       "plain": "plain loop, one PUT per shard of the same bytes, same client",
                       "folder": "`write_dataset` → folder, tar mode"})), "",
-                  f"store / plain loop: {_range(tr['store_vs_plain'], '{:.2f}')} (per round, then median)."]
+                  _table(["tar mode, ratio of rates (per round, then median)", "ratio"], [
+                      ["`write_dataset` → store / plain loop", _range(tr["store_vs_plain"], "{:.2f}")],
+                      ["`write_dataset` → folder / plain loop", _range(tr["folder_vs_plain"], "{:.2f}")],
+                      ["`write_dataset` → store / the slower of folder and plain loop",
+                       _range(tr["store_vs_bound"], "{:.2f}")]])]
     cpu_rows = []
     for mode, part in (("files", files), ("tar", tar)):
         if "skipped" in part:
@@ -702,7 +713,8 @@ def targets(result: dict[str, Any]) -> list[dict[str, Any]]:
     ceiling = files["ratios"]["summary"]["plain_vs_ceiling"]["median"]
     out.append({"target": f"scenario 9: generate files mode to the store ≥ {TARGET_RATE_RATIO:g}× a "
                           f"plain pool of {result['workers']} thread(s), one PUT per image",
-                "measured": f"{ratio:.2f}× (the pool at {ceiling:.2f} of the server's ceiling)",
+                "measured": f"{ratio:.2f}× (the pool at {ceiling:.2f} of the same client's "
+                            f"{result['ceiling_threads']}-thread ceiling)",
                 "met": ratio >= TARGET_RATE_RATIO})
     if "skipped" in tar:
         out.append({"target": "scenario 9: generate tar mode to the store ≥ 0.8× a plain loop of "
