@@ -126,8 +126,15 @@ def moto_server(log: Log) -> Iterator[tuple[str, int]]:
 
 
 # ---------------------------------------------------------------- measuring one run
+BUSY_FIELDS = ("user", "nice", "system", "irq", "softirq")  # guest time is inside user
+
+
 def _busy_seconds(times: Any) -> float:
-    return float(sum(times) - times.idle - getattr(times, "iowait", 0.0))
+    return float(sum(getattr(times, name, 0.0) for name in BUSY_FIELDS))
+
+
+def _total_seconds(times: Any) -> float:
+    return float(sum(times) - getattr(times, "guest", 0.0) - getattr(times, "guest_nice", 0.0))
 
 
 class Meter:
@@ -168,7 +175,7 @@ class Meter:
         if server is not None and self._server_began is not None:
             self.server_cpu = server - self._server_began
         machine = psutil.cpu_times()
-        total = sum(machine) - sum(self._machine)
+        total = _total_seconds(machine) - _total_seconds(self._machine)
         self.machine_busy_pct = 100 * (_busy_seconds(machine) - _busy_seconds(self._machine)) / total \
             if total > 0 else 0.0
 
