@@ -282,6 +282,13 @@ SKIP.update({
     ("docs/benchmarks.md", "asyncdump bench --scenarios 8 --rounds 3 --no-chart   # plus --json "
                            "and --work in a scratch folder"): "a benchmark run (168 s)",
 })
+SKIP.update({
+    ("docs/benchmarks.md", "asyncdump bench --scenarios 9                  # a moto_server on "
+                           "loopback, started and stopped by the bench"):
+        "a benchmark run of minutes, and a bucket of yours for the next lines: "
+        "tests/test_bench_object_store.py runs scenario 9 at a tiny size, with the moto_server "
+        "the bench starts and with --root s3://... and --storage-option against moto on loopback",
+})
 
 
 SKIP.update({

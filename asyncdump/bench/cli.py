@@ -42,9 +42,12 @@ def _parse_scenarios(text: str) -> list[int]:
         chosen = sorted({int(part) for part in text.split(",") if part.strip()})
     except ValueError:
         chosen = []
-    if not chosen or any(n not in range(1, 9) for n in chosen):
-        raise argparse.ArgumentTypeError(f"--scenarios takes numbers 1..8 separated by commas, got {text!r}")
+    if not chosen or any(n not in range(1, 10) for n in chosen):
+        raise argparse.ArgumentTypeError(f"--scenarios takes numbers 1..9 separated by commas, got {text!r}")
     return chosen
+
+
+DEFAULT_SCENARIOS = [1, 2, 3, 4, 5, 6, 7, 8]  # 9 (an object store) only when asked for
 
 
 # What a run writes into --work, all kept until it ends (measured: full 20.9 GiB, quick 1.9 GiB).
@@ -80,12 +83,52 @@ def _config(args: argparse.Namespace) -> Any:
         config.contenders = args.contenders.split(",")
     if args.throughput_images is not None:
         config.throughput_images = dict.fromkeys(config.throughput_images, args.throughput_images)
+    for option in ("store_images", "store_tar_images", "store_shard_size", "store_workers"):
+        value = getattr(args, option)
+        if value is not None:
+            setattr(config, option, value)
+    config.store_url = args.store
+    config.storage_options = args.storage_options
     return config
+
+
+def _store_arguments(args: argparse.Namespace) -> str | None:
+    """Scenario 9's options: ``--root URL`` means ``--store URL``, and a store alone runs
+    scenario 9 only; the ``--storage-option`` pairs as a dict. A str says what is wrong."""
+    from .._stores import is_url
+    from ..cli.generate import _storage_options
+
+    if args.root is not None and is_url(args.root):
+        if args.store is not None:
+            return "give the store once: --root URL or --store URL"
+        args.store, args.root = args.root, None
+    if args.store is not None and not is_url(args.store):
+        return f"--store takes an object-store URL (s3://bucket/prefix), got {args.store!r}"
+    options = _storage_options(args.storage_option)
+    if isinstance(options, str):
+        return options
+    if options is not None and args.store is None:
+        return "--storage-option is for the store given by --store URL (or --root URL)"
+    args.storage_options = options or {}
+    if args.store is not None:
+        if args.scenarios is DEFAULT_SCENARIOS:
+            args.scenarios = [9]
+        elif 9 not in args.scenarios:
+            args.scenarios = [*args.scenarios, 9]
+    for option in ("store_images", "store_tar_images", "store_shard_size", "store_workers"):
+        value = getattr(args, option)
+        if value is not None and value < 1:
+            return f"--{option.replace('_', '-')} must be at least 1, got {value}"
+    return None
 
 
 def run(args: argparse.Namespace) -> int:
     import torch
 
+    problem = _store_arguments(args)
+    if problem is not None:
+        print(f"asyncdump bench: error: {problem}", file=sys.stderr)
+        return 2
     command = command_line(args)
     if args.device == "auto":
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -121,9 +164,12 @@ def run(args: argparse.Namespace) -> int:
         shutil.rmtree(config.work, ignore_errors=True)
     checks = report.targets(results)
     print(f"## targets\n\n{report.targets_table(checks)}\n")
+    from .object_store import redact
+
+    settings = dataclasses.asdict(config)
+    settings["storage_options"] = redact(settings["storage_options"])
     document = {"schema": 1, "command": command, "quick": args.quick, "machine": facts,
-                "config": {k: str(v) if isinstance(v, Path) else v
-                           for k, v in dataclasses.asdict(config).items()},
+                "config": {k: str(v) if isinstance(v, Path) else v for k, v in settings.items()},
                 "started": stamp, "seconds": time.perf_counter() - began,
                 "scenarios": results, "targets": checks}
     report.write_json(document, json_path)
@@ -162,11 +208,13 @@ def register(subparsers: Any) -> None:
         "bench", help="benchmark asyncdump against the usual ways of saving images "
                       "(or, with --root, measure your own storage)",
         description="Runs the eight scenarios of the asyncdump benchmark (interleaved rounds, "
-                    "medians with min–max): a Markdown report on stdout, JSON and a chart under --out.")
+                    "medians with min–max): a Markdown report on stdout, JSON and a chart under --out. "
+                    "Scenario 9 (an object store) runs when asked for: --scenarios 9, --store URL "
+                    "or --root s3://...")
     parser.add_argument("--quick", action="store_true",
                         help="fewer steps and rounds (about 2.5 min on 2 cores)")
-    parser.add_argument("--scenarios", type=_parse_scenarios, default=[1, 2, 3, 4, 5, 6, 7, 8],
-                        help="which scenarios, e.g. 1,3 (default: all eight)")
+    parser.add_argument("--scenarios", type=_parse_scenarios, default=DEFAULT_SCENARIOS,
+                        help="which scenarios, e.g. 1,3 (default: 1..8; 9 is the object store)")
     parser.add_argument("--rounds", type=int, help="interleaved rounds (default 5, quick 3)")
     parser.add_argument("--steps", type=int, help="loop steps in scenario 1")
     parser.add_argument("--cpu-steps", type=int, help="loop steps in scenario 2")
@@ -183,11 +231,28 @@ def register(subparsers: Any) -> None:
     parser.add_argument("--no-chart", action="store_true")
     parser.add_argument("--work", default="bench_out", help="scratch folder for the images written")
     storage = parser.add_argument_group("your storage (--root)")
-    storage.add_argument("--root", help="measure sustained images/s into this folder instead")
+    storage.add_argument("--root", help="measure sustained images/s into this folder instead "
+                                        "(an s3://... URL: scenario 9 on that store, as --store)")
     storage.add_argument("--format", default="png", help="image format for --root (default png)")
     storage.add_argument("--seconds", type=float, help="length of each run (default 4, quick 1)")
     storage.add_argument("--max-workers", type=int, help="try 1..this many workers (default: usable cores)")
-    parser.set_defaults(func=run, bench_parser=parser)
+    store = parser.add_argument_group("object store (scenario 9)")
+    store.add_argument("--store", metavar="URL",
+                       help="s3://bucket/prefix to measure (the bucket must exist; endpoint and "
+                            "credentials from the AWS environment or --storage-option; everything "
+                            "is written under a new prefix, removed at the end). Default: start "
+                            "moto_server on 127.0.0.1 and stop it after")
+    store.add_argument("--storage-option", action="append", default=None, metavar="KEY=VALUE",
+                       help="passed to the fsspec file system, as generate's (repeatable)")
+    store.add_argument("--store-images", type=int,
+                       help="files-mode images per run (default 1000, quick 200)")
+    store.add_argument("--store-tar-images", type=int,
+                       help="tar-mode images per run (default 3000, quick 600)")
+    store.add_argument("--store-shard-size", type=int, help="tar shard size (default 1000, quick 200)")
+    store.add_argument("--store-workers", type=int,
+                       help="the datasets' workers and the plain pool's threads "
+                            "(default: DatasetSink's, usable cores - 1)")
+    parser.set_defaults(func=run, bench_parser=parser, storage_options={})
 
 
 def command_line(args: argparse.Namespace) -> str:
@@ -198,6 +263,13 @@ def command_line(args: argparse.Namespace) -> str:
             continue
         value = getattr(args, action.dest, None)
         if value == action.default:
+            continue
+        if isinstance(action, argparse._AppendAction):  # repeated; credentials never printed
+            from .object_store import redact
+
+            for pair in value or ():
+                key, _, item = pair.partition("=")
+                words += [action.option_strings[-1], f"{key}={redact({key: item})[key]}"]
             continue
         words.append(action.option_strings[-1])
         if action.nargs != 0:

@@ -54,6 +54,12 @@ class Contender(abc.ABC):
         """Wait until everything is on disk; return extra facts for the report."""
         return {}
 
+    def count_written(self) -> int:
+        """Finished images this contender wrote (after ``finish``)."""
+        from .measure import count_files
+
+        return count_files(self.folder, f".{self.fmt}")
+
 
 class NoSave(Contender):
     """The loop without saving: the floor every other contender is compared with."""

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from .._defaults import MIB
-from . import tb_loop
+from . import object_store, tb_loop
 
 TARGET_OVERHEAD_PCT = 2.0
 TARGET_VS_CV2 = 20.0
@@ -153,6 +153,8 @@ def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
                     "measured": f"{ratio:.2f}×", "met": ratio <= TARGET_SUBMIT_RATIO})
     if "scenario8_tensorboard" in results:
         out += tb_loop.targets(results["scenario8_tensorboard"])
+    if "scenario9_object_store" in results:
+        out += object_store.targets(results["scenario9_object_store"])
     lost = lost_images(results)
     if results:
         out.append({"target": "zero images lost (except counted drops)",
@@ -186,6 +188,8 @@ def lost_images(results: dict[str, Any]) -> list[str]:
     for name, c in results.get("scenario8_tensorboard", {}).get("contenders", {}).items():
         if c["written"] != c["expected"]:
             lost.append(f"scenario8 {name}: {c['written']}/{c['expected']} events")
+    if "scenario9_object_store" in results:
+        lost += object_store.lost(results["scenario9_object_store"])
     return lost  # scenario 3 raises on any shortfall
 
 
@@ -238,7 +242,8 @@ def generate_table(result: dict[str, Any]) -> str:
 TABLES = {"scenario1_gpu_bound": loop_table, "scenario2_cpu_bound": loop_table,
           "scenario3_throughput": throughput_table, "scenario4_submit_cost": submit_table,
           "scenario5_memory_bound": memory_table, "scenario6_encoders": encoders_table,
-          "scenario7_generate": generate_table, "scenario8_tensorboard": tb_loop.table}
+          "scenario7_generate": generate_table, "scenario8_tensorboard": tb_loop.table,
+          "scenario9_object_store": object_store.table}
 
 
 def write_json(document: dict[str, Any], path: Path) -> None:

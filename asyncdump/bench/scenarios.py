@@ -11,6 +11,8 @@ median/min/max) for report.py.
     7 generate      ``asyncdump generate`` images/s per encoder, parent CPU per image
     8 tensorboard   add_images of a 64x3x256x256 float batch per step: SummaryWriter vs
                     asyncdump.tensorboard.ImageWriter (tb_loop.py)
+    9 object_store  datasets (files, tar) and scenario 1's loop on an S3 store vs plain
+                    uploads of the same bytes; the parent's CPU per image (object_store.py)
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ import numpy as np
 
 from .. import _defaults
 from .._defaults import MIB
-from . import contenders, encoders, tb_loop
+from . import contenders, encoders, object_store, tb_loop
 from .measure import (
     RssSampler,
     Stopwatch,
@@ -58,11 +60,19 @@ class Config:
     contenders: list[str] = field(default_factory=contenders.default_names)
     work: Path = Path("bench_out")
     device: str = "cpu"
+    # scenario 9 (object_store.py): None starts moto_server on loopback
+    store_url: str | None = None
+    storage_options: dict[str, Any] = field(default_factory=dict)
+    store_images: int = 1000  # files mode, per run
+    store_tar_images: int = 3000  # tar mode, per run
+    store_shard_size: int = 1000  # generate's default
+    store_workers: int | None = None  # None: DatasetSink's default (usable cores - 1)
 
     @classmethod
     def quick(cls, **overrides: Any) -> Config:
         base = cls(rounds=3, loop_steps=12, cpu_steps=5, submit_reps=5, flood_batches=16,
-                   throughput_images={"png-256": 48, "jpg-256": 48, "png-32": 512, "png-1024": 6})
+                   throughput_images={"png-256": 48, "jpg-256": 48, "png-32": 512, "png-1024": 6},
+                   store_images=200, store_tar_images=600, store_shard_size=200)
         for key, value in overrides.items():
             setattr(base, key, value)
         return base
@@ -129,7 +139,7 @@ def run_loop(contender: contenders.Contender, batches: list[Any], steps: int,
         loop_seconds = time.perf_counter() - began
         with Stopwatch() as drain:
             extra = contender.finish()
-    written = count_files(folder, f".{contender.fmt}")
+    written = contender.count_written()
     return {"loop_seconds": loop_seconds, "drain_seconds": drain.seconds, "written": written,
             "expected": 0 if isinstance(contender, contenders.NoSave) else steps * batches[0].shape[0],
             "peak_rss_bytes": rss.peak_bytes,
@@ -421,4 +431,5 @@ SCENARIOS: dict[int, tuple[str, Callable[[Config, Log], dict[str, Any]]]] = {
     6: ("scenario6_encoders", encoders.scenario6),
     7: ("scenario7_generate", encoders.scenario7),
     8: ("scenario8_tensorboard", tb_loop.scenario8),
+    9: ("scenario9_object_store", object_store.scenario9),
 }
