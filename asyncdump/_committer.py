@@ -3,14 +3,15 @@ the counts (see ``asyncdump.dataset`` for the path of one batch).
 
     files: wait for the batch's future (files renamed into place, each with the sha256 its
            worker computed from the bytes it wrote), append the batch's manifest lines
-           (on an object store: PUT them as one manifest part, ``_store_dataset``)
+           (on an object store: hand them to the uploader process as one manifest part,
+           ``_store_uploads``; they count as written once the store acknowledged it)
     tar:   wait for the encoded bytes and their sha256 (hashed in the worker), append
            ``key.<ext>``, ``key.cls`` (when the label is an int) and ``key.json`` members to
            the hidden ``.shard-N.tar.tmp``; when the shard (or a part of ``shard_bytes``) is
            complete: close, rename to ``shard-N.tar``, then append its manifest lines
            (on an object store: the part is written to an unnamed spool file and uploaded
-           by the uploader process, ``_shard_upload``; its lines are PUT once the store
-           acknowledged it, and at most ``UPLOADS_WAITING`` parts wait for that)
+           by the uploader process; its manifest part follows once the store acknowledged
+           it, and at most ``TARS_WAITING`` tar parts wait for that)
 """
 
 from __future__ import annotations
@@ -22,21 +23,32 @@ import os
 import queue
 import threading
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from ._errors import AsyncDumpError, DatasetError
 from ._manifest import Layout
 from ._metadata import Meta
-from ._shard_upload import ShardUploader
+from ._store_uploads import StoreUploader
 from ._tar import TAR_BLOCK, TarPart, member_bytes
 
 if TYPE_CHECKING:
     from ._store_dataset import StoreDataset
 
 QUEUED_BATCHES = 32  # batches handed to the committer and not yet committed
-UPLOADS_WAITING = 2  # tar parts on a store handed to the uploader and not yet acknowledged
+TARS_WAITING = 2  # tar parts on a store handed to the uploader and not yet acknowledged
+OBJECTS_WAITING = 64  # all objects (tar and manifest parts) handed over, not yet acknowledged
 
 _Batch = tuple[concurrent.futures.Future[Any], list[int], list[Meta], str]
+
+
+class _Handed(NamedTuple):
+    """An object handed to the uploader: what its acknowledgement commits."""
+
+    tar: TarPart | None  # a tar part (its lines' manifest part follows), or None:
+    part: str  # the manifest part's name (lines mode)
+    indices: list[int]
+    lines: list[str]
+    image_bytes: int
 
 
 class Committer:
@@ -58,8 +70,9 @@ class Committer:
         self.written = self.failed = self.bytes = 0
         self.error: BaseException | None = None
         self._tar: TarPart | None = None
-        self._uploader = ShardUploader(store.spec) if store is not None and mode == "tar" else None
-        self._uploading: dict[int, TarPart] = {}  # upload id -> the part, oldest first
+        self._uploader = StoreUploader(store.spec) if store is not None else None
+        self._handed: dict[int, _Handed] = {}  # upload id -> its object, oldest first
+        self._tars_handed = 0
         self._failed_shards: set[int] = set()
         self._bar: Any = None
         self._thread: threading.Thread | None = None
@@ -96,9 +109,10 @@ class Committer:
     def release(self) -> None:
         """Close the manifest and the uploader (also when the thread never started)."""
         if self._uploader is not None:
-            for part in self._uploading.values():
-                part.discard()
-            self._uploading.clear()
+            for handed in self._handed.values():
+                if handed.tar is not None:
+                    handed.tar.discard()
+            self._handed.clear()
             self._uploader.close()
         if self._manifest_fd >= 0:
             os.close(self._manifest_fd)
@@ -117,7 +131,7 @@ class Committer:
                 result, failed = None, {self._failed_key(p) for p, _ in exc.failures}
             except BaseException:  # cancelled or broken sink: the whole batch is lost
                 result, failed = None, set()
-            if self._uploading:
+            if self._handed:
                 self._settle_uploads(block=False)
             if self.error is not None:
                 self.failed += len(indices)
@@ -133,7 +147,7 @@ class Committer:
             if self._bar is not None:
                 self._bar.update(len(indices))
         self._abort_part()  # a part still open here is incomplete (the run stopped early)
-        while self._uploading:  # every part handed to the uploader is answered
+        while self._handed:  # every object handed to the uploader is answered
             self._settle_uploads(block=True)
 
     def _failed_key(self, path: Any) -> Any:
@@ -147,19 +161,35 @@ class Committer:
                 f'"label":{meta.label},"meta":{meta.extra},{offset}"path":"{path}",'
                 f'"sha256":"{sha256}","shape":{shape}}}\n')
 
-    def _append(self, indices: list[int], lines: list[str]) -> None:
+    def _append(self, indices: list[int], lines: list[str], image_bytes: int) -> None:
         """Make a committed batch's lines durable, whole or not at all (a failure stops the
-        run): one manifest part on an object store, else an append to the manifest file."""
+        run), and count its images as written: an append to the manifest file, or on an
+        object store one manifest part handed to the uploader (counted when acknowledged)."""
+        self.in_order &= indices[0] > self.last_index  # each batch/part is in index order
+        self.last_index = indices[-1]
+        if self._uploader is not None:
+            assert self._store is not None
+            part = self._store.next_part()
+            self._hand_over(_Handed(None, part, indices, lines, image_bytes),
+                            data="".join(lines).encode())
+            return
         try:
-            if self._store is not None:
-                self._store.put_part(indices, lines)
-            else:
-                self._append_to_file("".join(lines).encode())
+            self._append_to_file("".join(lines).encode())
         except BaseException:
             self.failed += len(lines)
             raise
-        self.in_order &= indices[0] > self.last_index  # each batch/part is in index order
-        self.last_index = indices[-1]
+        self.written += len(lines)
+        self.bytes += image_bytes
+
+    def _hand_over(self, handed: _Handed, **what: Any) -> None:
+        """Give an object to the uploader; wait while too many are unanswered (a slow store:
+        the committer's queue fills and ``submit`` blocks)."""
+        assert self._uploader is not None and self._store is not None
+        name = handed.tar.name if handed.tar is not None else handed.part
+        self._handed[self._uploader.submit(self._store.store.url_for(name), **what)] = handed
+        self._tars_handed += handed.tar is not None
+        while self._tars_handed > TARS_WAITING or len(self._handed) > OBJECTS_WAITING:
+            self._settle_uploads(block=True)
 
     def _append_to_file(self, data: bytes) -> None:
         """Append whole lines: a failed write (a full disk) is cut back to the last complete
@@ -185,6 +215,7 @@ class Committer:
     def _commit_files(self, indices: list[int], metas: list[Meta], shape: str,
                       result: list[tuple[str, int] | None] | None, failed: set[Path]) -> None:
         done, lines = [], []
+        image_bytes = 0
         prefix = self._prefix
         for k, (index, meta) in enumerate(zip(indices, metas, strict=True)):
             name = self.layout.file_name(index) + self.layout.extension
@@ -197,10 +228,9 @@ class Committer:
                 digest = (hashlib.sha256(data).hexdigest(), len(data))
             done.append(index)
             lines.append(self._line(index, name, *digest, meta, shape))
-            self.bytes += digest[1]
+            image_bytes += digest[1]
         if lines:
-            self._append(done, lines)
-            self.written += len(lines)
+            self._append(done, lines, image_bytes)
 
     def _commit_tar(self, indices: list[int], metas: list[Meta], shape: str,
                     result: list[tuple[bytes, str]] | None) -> None:
@@ -243,39 +273,37 @@ class Committer:
             part.discard()
             raise
         self._next_part[part.shard] = self._next_part.get(part.shard, 0) + 1
-        if self._uploader is not None:
-            assert self._store is not None
-            upload_id = self._uploader.submit(part.handle, self._store.store.url_for(part.name),
-                                              part.size)
-            self._uploading[upload_id] = part
-            while len(self._uploading) > UPLOADS_WAITING:  # a slow store: wait here, the
-                self._settle_uploads(block=True)  # queue fills and submit() blocks
+        if self._uploader is not None:  # its lines follow once the store has the tar
+            self._hand_over(_Handed(part, "", part.indices, part.lines, part.image_bytes),
+                            spool=part.handle, size=part.size)
             return
-        self._commit_part(part)
-
-    def _commit_part(self, part: TarPart) -> None:
-        self._append(part.indices, part.lines)
-        self.written += len(part.lines)
-        self.bytes += part.image_bytes
+        self._append(part.indices, part.lines, part.image_bytes)
 
     def _settle_uploads(self, block: bool) -> None:
-        """Commit the parts whose upload the store acknowledged, in order; a failed upload
-        stops the run (as a full disk does) and its images count as failed."""
-        assert self._uploader is not None
+        """Act on the uploader's answers, in order: an acknowledged tar part hands over its
+        manifest part; an acknowledged manifest part counts its images as written. A failed
+        upload stops the run (as a full disk does) and its images count as failed."""
+        assert self._uploader is not None and self._store is not None
         for upload_id, error in self._uploader.answers(block):
-            part = self._uploading.pop(upload_id)
-            part.discard()  # the spool file: its bytes are on the store, or lost
+            handed = self._handed.pop(upload_id)
+            if handed.tar is not None:
+                self._tars_handed -= 1
+                handed.tar.discard()  # the spool file: its bytes are on the store, or lost
             if error is not None or self.error is not None:
-                self.failed += len(part.lines)
+                self.failed += len(handed.lines)
                 if error is not None and self.error is None:
+                    what = "tar part" if handed.tar is not None else "manifest part"
+                    name = handed.tar.name if handed.tar is not None else handed.part
                     self.error = DatasetError(
-                        f"cannot upload the tar part {part.name}: {error}; stopped, the images "
-                        "the manifest lists are kept: rerun with resume (--resume)")
-                continue
-            try:
-                self._commit_part(part)
-            except BaseException as exc:
-                self.error = exc
+                        f"cannot upload the {what} {self._store.store.url_for(name)}: {error}; "
+                        "stopped, the images the manifest lists are kept: rerun with resume "
+                        "(--resume)")
+            elif handed.tar is not None:
+                self._append(handed.indices, handed.lines, handed.image_bytes)
+            else:
+                self._store.part_stored(handed.part, handed.indices, handed.lines)
+                self.written += len(handed.lines)
+                self.bytes += handed.image_bytes
 
     def _abort_part(self) -> None:
         if self._tar is not None:

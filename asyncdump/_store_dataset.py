@@ -4,7 +4,7 @@ without append.
     PREFIX/dataset.json                            the job's parameters, PUT first (as in a folder)
     PREFIX/<shard>/<index>.<ext>                   files mode: one PUT per image, by the workers
     PREFIX/shard-<shard>[-<part>].tar              tar mode: one multipart upload per part, by
-                                                   the uploader process (``_shard_upload``)
+                                                   the uploader process (``_store_uploads``)
     PREFIX/manifest.parts/rank-<r>/<seq>.jsonl     one object per committed batch of rank r
     PREFIX/manifest.jsonl                          merged, sorted by index: PUT at resume and close
 
@@ -43,7 +43,7 @@ from ._manifest import (
 )
 from ._stores import DEFAULT_RETRY_SECONDS, StoreSpec, open_destination
 from ._stores._multipart import abort_uploads
-from ._stores._retry import StoreError, with_retries
+from ._stores._retry import with_retries
 
 PARTS = "manifest.parts"
 _PART = re.compile(r"^manifest\.parts/rank-(\d+)/(\d+)\.jsonl$")
@@ -159,16 +159,15 @@ class StoreDataset:
             parse_manifest(name, _text(self, name), self.layout.count, entries)
         return entries
 
-    def put_part(self, indices: list[int], lines: list[str]) -> None:
-        """Make a committed batch's lines durable: one PUT of a new part object."""
+    def next_part(self) -> str:
+        """The key (under the prefix) of this rank's next manifest part."""
         name = part_name(self.rank, self._next_seq)
-        try:
-            self.put(name, "".join(lines).encode())
-        except StoreError as exc:
-            raise DatasetError(f"cannot PUT the manifest part {self.store.url_for(name)}: {exc}; "
-                               "stopped, the images the manifest lists are kept: rerun with "
-                               "resume (--resume)") from exc
         self._next_seq += 1
+        return name
+
+    def part_stored(self, name: str, indices: list[int], lines: list[str]) -> None:
+        """The store acknowledged part ``name`` holding ``lines`` (the committer PUTs it,
+        through the uploader process): rank 0 keeps them for the merge."""
         if self.rank == 0:  # the others' lines are read back from their parts by rank 0
             self._parts.append(name)
             self._lines.update(zip(indices, lines, strict=True))

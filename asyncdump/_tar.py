@@ -61,7 +61,7 @@ class TarPart:
 
     ``root=None``: a part for an object store, written to an unnamed spool file in the system's
     temp folder (``tempfile``: O_TMPFILE, so a killed run leaves nothing), uploaded once
-    finished (``_shard_upload``) and closed by ``discard``."""
+    finished (``_store_uploads``) and closed by ``discard``."""
 
     def __init__(self, root: Path | None, name: str, shard: int):
         self.name, self.shard = name, shard

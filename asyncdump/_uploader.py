@@ -1,13 +1,14 @@
-"""The uploader process of a dataset's tar shards on an object store.
+"""The uploader process of a dataset on an object store: tar parts and manifest parts.
 
     python -m asyncdump._uploader SOCKET_FD PARENT_PID
 
-Started by ``_shard_upload.ShardUploader``. Over its SOCK_SEQPACKET socket it receives the
-store's ``StoreSpec`` (pickled), then one message per tar part: ``(upload_id, url, size)``
-with the part's unnamed spool file attached as a descriptor (SCM_RIGHTS). It uploads the part
-(``_stores._multipart.upload_file``) and answers ``(upload_id, None)`` or
-``(upload_id, error text)``. It exits when the parent closes the socket, or dies with it
-(PR_SET_PDEATHSIG). Imports fsspec and its plugin, never torch or cv2.
+Started by ``_store_uploads.StoreUploader``. Over its SOCK_SEQPACKET socket it receives the
+store's ``StoreSpec`` (pickled), then one message per object: ``(upload_id, url, size, data)``,
+either with a tar part's unnamed spool file attached as a descriptor (SCM_RIGHTS; uploaded by
+``_stores._multipart.upload_file``) or with the object's bytes as ``data`` (one PUT). It
+answers ``(upload_id, None)`` or ``(upload_id, error text)``, in order. It exits when the
+parent closes the socket, or dies with it (PR_SET_PDEATHSIG). Imports fsspec and its plugin,
+never torch or cv2.
 """
 
 from __future__ import annotations
@@ -50,10 +51,13 @@ def main(argv: list[str]) -> int:
         message, fds, _, _ = socket.recv_fds(sock, MAX_MESSAGE, 1)
         if not message:
             return 0  # the parent closed the socket: nothing more to upload
-        upload_id, url, size = pickle.loads(message)
+        upload_id, url, size, data = pickle.loads(message)
         error = None
         try:
-            upload_file(store, url, fds[0], size)
+            if data is not None:
+                store.put(url, data, True)
+            else:
+                upload_file(store, url, fds[0], size)
         except Exception as exc:
             error = str(exc) or type(exc).__name__
         finally:

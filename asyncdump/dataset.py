@@ -24,7 +24,7 @@ Its parts: ``_manifest`` (names, ``dataset.json``, the manifest, resume state), 
 (the committer thread), ``_tar`` (tar parts), ``_metadata`` (per-image metadata JSON),
 ``_ranks`` (rank, world size, collectives), ``_schedule`` (this rank's pending indices) and
 ``_store_dataset`` (a root that is an object-store URL; tar parts are uploaded by
-``_shard_upload``).
+``_store_uploads``).
 """
 
 from __future__ import annotations

@@ -27,7 +27,7 @@ from s3_server import S3Server, s3_fixture  # noqa: F401 (the s3 fixture)
 from test_dataset_store import _kill_after_first_part, env, objects, tree
 
 from asyncdump import write_dataset
-from asyncdump._committer import QUEUED_BATCHES, UPLOADS_WAITING
+from asyncdump._committer import QUEUED_BATCHES, TARS_WAITING
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -151,7 +151,7 @@ def test_an_uploader_killed_mid_upload_is_replaced(s3: S3Server, proxy: FaultPro
 
 
 def test_memory_stays_bounded_while_the_store_stalls(s3: S3Server, proxy: FaultProxy) -> None:
-    """Every tar PUT is held: the committer keeps at most UPLOADS_WAITING + 1 parts, then its
+    """Every tar PUT is held: the committer keeps at most TARS_WAITING + 1 parts, then its
     queue fills and ``submit`` blocks, so the generator is not called again. Released, the run
     completes with every image."""
     bucket = s3.bucket()
@@ -171,7 +171,7 @@ def test_memory_stays_bounded_while_the_store_stalls(s3: S3Server, proxy: FaultP
     try:
         # Parts handed over (or being written) + the committer's queue + one batch in submit
         # + one being made: the most batches the generator can have made while nothing lands.
-        bound = (UPLOADS_WAITING + 2) * (shard // batch) + QUEUED_BATCHES + 2
+        bound = (TARS_WAITING + 2) * (shard // batch) + QUEUED_BATCHES + 2
         previous = -1
         for _ in range(600):  # bounded: up to 60 s for the run to stop taking batches
             if len(calls) == previous and proxy.counts["stall"]:

@@ -1,11 +1,12 @@
-"""Tar parts of a dataset on an object store: uploaded by a process of their own, in order.
+"""The objects a dataset's committer makes on a store, uploaded by a process of their own, in
+order: tar parts and manifest parts.
 
-The committer writes each tar part to an unnamed spool file (``TarPart.spooled``: it has no
-name, so a killed run leaves nothing on the local disk) and hands its descriptor to the
-uploader process (``_uploader``), which sends it as one multipart upload; the part's manifest
-lines are PUT only once the store acknowledged the upload. The parent never runs the HTTP
-requests, their signing or their checksums: uploads cost the uploader's CPU, as encoding costs
-the workers'.
+A tar part is written to an unnamed spool file (``TarPart`` without a root: it has no name,
+so a killed run leaves nothing on the local disk); its descriptor goes to the uploader process
+(``_uploader``), which sends it as one multipart upload. A manifest part (a few KB of lines)
+goes as bytes in the message and is one PUT. The parent never runs the HTTP requests, their
+signing or their checksums (2-4 ms of CPU per request through botocore): uploads cost the
+uploader's CPU, as encoding costs the workers'. Answers come back in the order of ``submit``.
 
 If the uploader dies, a new one is started and every part not yet acknowledged is sent again
 (the same bytes under the same key), up to ``MAX_ATTEMPTS`` times per part. ``abandon`` (any
@@ -19,6 +20,7 @@ import contextlib
 import pickle
 import socket
 import subprocess
+import tempfile
 import threading
 from collections import OrderedDict
 from typing import IO, Any, NamedTuple
@@ -27,16 +29,19 @@ from ._pool import start_helper
 
 MAX_ATTEMPTS = 3  # uploader processes a part may outlive before it fails
 MAX_MESSAGE = 1 << 20
+INLINE_BYTES = 64 << 10  # larger objects travel as a spool file (a datagram has a size limit)
 
 
 class _Upload(NamedTuple):
-    spool: IO[bytes]
+    spool: IO[bytes] | None  # a spool file holding the object, or None: ``data`` is it
+    data: bytes | None
     url: str
     size: int
     attempts: int
+    owned: bool  # the spool is this uploader's (closed once answered), not the caller's
 
 
-class ShardUploader:
+class StoreUploader:
     """One uploader process for a store (``StoreSpec``), started on first use."""
 
     def __init__(self, spec: Any):
@@ -53,11 +58,20 @@ class ShardUploader:
         """Parts handed over and not yet answered."""
         return len(self._waiting)
 
-    def submit(self, spool: IO[bytes], url: str, size: int) -> int:
-        """Hand over the first ``size`` bytes of ``spool`` for ``url``; its upload id."""
+    def submit(self, url: str, *, spool: IO[bytes] | None = None, size: int = 0,
+               data: bytes | None = None) -> int:
+        """Hand over the first ``size`` bytes of ``spool``, or ``data``, for ``url``; the
+        upload's id (its answer carries it)."""
         upload_id = self._next_id
         self._next_id += 1
-        self._waiting[upload_id] = _Upload(spool, url, size, 1)
+        owned = data is not None and len(data) > INLINE_BYTES
+        if owned:
+            assert data is not None
+            spool = tempfile.TemporaryFile()  # noqa: SIM115 (closed when answered)
+            spool.write(data)
+            spool.flush()
+            data, size = None, spool.tell()
+        self._waiting[upload_id] = _Upload(spool, data, url, size, 1, owned)
         if not self._abandoned.is_set():
             self._ensure_started()
             self._send(upload_id)
@@ -70,7 +84,8 @@ class ShardUploader:
         while self._waiting:
             if self._abandoned.is_set():
                 done += [(i, "the upload was stopped (interrupted)") for i in self._waiting]
-                self._waiting.clear()
+                for upload_id in list(self._waiting):
+                    self._answered(upload_id)
                 break
             sock = self._sock
             assert sock is not None
@@ -85,7 +100,7 @@ class ShardUploader:
                 done += self._restart()
                 continue
             upload_id, error = pickle.loads(message)
-            self._waiting.pop(upload_id)
+            self._answered(upload_id)
             done.append((upload_id, error))
         return done
 
@@ -99,6 +114,8 @@ class ShardUploader:
 
     def close(self) -> None:
         """End the process (after the committer settled every part) and reap it."""
+        for upload_id in list(self._waiting):
+            self._answered(upload_id)
         if self._sock is not None:
             self._sock.close()  # EOF: it exits
             self._sock = None
@@ -111,6 +128,11 @@ class ShardUploader:
             self._process = None
 
     # ------------------------------------------------------------------ internals
+    def _answered(self, upload_id: int) -> None:
+        upload = self._waiting.pop(upload_id)
+        if upload.owned and upload.spool is not None:
+            upload.spool.close()
+
     def _ensure_started(self) -> None:
         if self._process is not None:
             return
@@ -132,10 +154,11 @@ class ShardUploader:
         upload = self._waiting[upload_id]
         if self._sock is None:  # abandoned before it started
             return
-        message = pickle.dumps((upload_id, upload.url, upload.size))
+        message = pickle.dumps((upload_id, upload.url, upload.size, upload.data))
+        fds = [upload.spool.fileno()] if upload.spool is not None else []
         with contextlib.suppress(OSError):  # it died: the next answers() restarts it
             self._sock.setblocking(True)
-            socket.send_fds(self._sock, [message], [upload.spool.fileno()])
+            socket.send_fds(self._sock, [message], fds)
 
     def _restart(self) -> list[tuple[int, str | None]]:
         """The uploader died: reap it, fail the parts out of attempts, resend the others."""
@@ -152,7 +175,7 @@ class ShardUploader:
             if self._abandoned.is_set() or upload.attempts >= MAX_ATTEMPTS:
                 failed.append((upload_id, f"the uploader process died {upload.attempts} time(s) "
                                           f"while uploading {upload.url} (last exit code {code})"))
-                del self._waiting[upload_id]
+                self._answered(upload_id)
             else:
                 self._waiting[upload_id] = upload._replace(attempts=upload.attempts + 1)
         if self._waiting and not self._abandoned.is_set():
