@@ -61,7 +61,7 @@ from ._owner import OwningProcess
 from ._ranks import Ranks
 from ._schedule import Schedule
 from ._store_dataset import StoreDataset
-from ._stores import is_url
+from ._stores import already_checked, is_url
 
 __all__ = ["DatasetError", "DatasetSink", "DatasetSummary", "write_dataset"]
 
@@ -194,10 +194,12 @@ class DatasetSink:
 
         if workers is None:  # ranks on one machine share its cores
             workers = _defaults.default_workers(self._ranks.local_world)
-        self._sink = AsyncImageSink(self.root, workers=workers, format=format, quality=quality,
-                                    on_error="ignore", fsync=fsync, overwrite=True,
-                                    max_buffer_bytes=max_buffer_bytes, png_encoder=self.png_encoder,
-                                    storage_options=self._storage_options)
+        with already_checked(str(self.root)):  # a store's root: StoreDataset checked it
+            self._sink = AsyncImageSink(self.root, workers=workers, format=format, quality=quality,
+                                        on_error="ignore", fsync=fsync, overwrite=True,
+                                        max_buffer_bytes=max_buffer_bytes,
+                                        png_encoder=self.png_encoder,
+                                        storage_options=self._storage_options)
         manifest = None if self._store is not None else \
             self.root / (MANIFEST_FILE if self.world == 1 else rank_manifest(self.rank))
         self._committer = Committer(

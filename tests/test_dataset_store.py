@@ -255,3 +255,19 @@ def test_kill_9_then_resume_equals_a_clean_run_on_a_store(s3: S3Server) -> None:
     print(f"killed run: {len(images_left)} images stored, {len(durable)} in its manifest "
           f"parts; resume wrote {written}, skipped {skipped}; rewritten (same bytes): "
           f"{len(images_left) - skipped}; lost 0")
+
+
+def test_the_prefix_is_checked_once_at_construction(s3: S3Server) -> None:
+    """The DatasetSink's check of the bucket and credentials is not repeated by its sink."""
+    from fault_proxy import FaultProxy
+
+    proxy = FaultProxy(s3.endpoint)
+    requests: list[str] = []
+    proxy.plan = lambda n, method, path: requests.append(f"{method} {path}") or "pass"
+    try:
+        DatasetSink(f"s3://{s3.bucket()}/once", count=4, workers=1,
+                    storage_options={"endpoint_url": proxy.endpoint}).close()
+    finally:
+        proxy.close()
+    checks = [r for r in requests if "prefix=once&max-keys=1" in r]  # FsspecStore.check
+    assert len(checks) == 1, requests
