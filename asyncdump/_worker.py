@@ -274,8 +274,7 @@ def run_job(conn: Connection, buffer: np.ndarray, job: RunJob) -> None:
                 _report(conn, EncodedBytes(job.job_id, i, encoded.tobytes(), sha))
                 continue
             if settings.store is not None:  # an object store: one PUT, acknowledged
-                _store(settings.store).put(final, _as_bytes(encoded), settings.store.overwrite)
-                _report(conn, Written(job.job_id, i, encoded.nbytes, sha))
+                _uploads.start(conn, job.job_id, i, settings.store, final, _as_bytes(encoded), sha)
                 continue
             # Relative to the folder's descriptor: no symlink swapped in below root redirects it.
             folders, folder, base = _folder_of(settings.root, final)
@@ -292,6 +291,47 @@ def run_job(conn: Connection, buffer: np.ndarray, job: RunJob) -> None:
             _report(conn, Failed(job.job_id, i, err, _failure_text(exc), traceback.format_exc()))
         finally:
             _temp_in_progress = None  # renamed into place, or removed
+    _uploads.finish()  # the job's last PUT is answered before the next job starts
+
+
+class _Uploads:
+    """A worker's PUTs to a store, one in flight on a thread of its own, so that the next
+    image is encoded while the last one uploads (the concurrency per worker stays one PUT).
+    Reports are sent from the main thread only. The pixels stay in the buffer until the PUT
+    is answered: a worker killed mid-PUT is replaced and its images are encoded again."""
+
+    def __init__(self) -> None:
+        self._pool: Any = None
+        self._inflight: Any = None  # (future, conn, job id, position, nbytes, sha256)
+
+    def start(self, conn: Connection, job_id: int, position: int, spec: Any, url: str,
+              data: bytes, sha: str | None) -> None:
+        self.finish()  # at most one PUT in flight
+        if self._pool is None:
+            import concurrent.futures
+
+            self._pool = concurrent.futures.ThreadPoolExecutor(1, "asyncdump-put")
+        store = _store(spec)
+        future = self._pool.submit(store.put, url, data, spec.overwrite)
+        self._inflight = (future, conn, job_id, position, len(data), sha)
+
+    def finish(self) -> None:
+        """Wait for the PUT in flight (if any) and report it."""
+        if self._inflight is None:
+            return
+        future, conn, job_id, position, nbytes, sha = self._inflight
+        self._inflight = None
+        try:
+            future.result()
+        except BaseException as exc:
+            err = exc.errno if isinstance(exc, OSError) else None
+            tb = "".join(traceback.format_exception(exc))
+            _report(conn, Failed(job_id, position, err, _failure_text(exc), tb))
+        else:
+            _report(conn, Written(job_id, position, nbytes, sha))
+
+
+_uploads = _Uploads()
 
 
 def _failure_text(exc: BaseException) -> str:
