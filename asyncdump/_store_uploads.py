@@ -53,11 +53,6 @@ class StoreUploader:
         self._abandoned = threading.Event()
         self._lock = threading.Lock()  # abandon (any thread) vs starting a process
 
-    @property
-    def waiting(self) -> int:
-        """Parts handed over and not yet answered."""
-        return len(self._waiting)
-
     def submit(self, url: str, *, spool: IO[bytes] | None = None, size: int = 0,
                data: bytes | None = None) -> int:
         """Hand over the first ``size`` bytes of ``spool``, or ``data``, for ``url``; the
