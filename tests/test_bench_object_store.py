@@ -52,9 +52,9 @@ def check_parts(result: dict[str, Any], rounds: int) -> None:
         assert row["written"] == row["expected"] == 12 and row["same_as_folder"]
     assert len(files["ratios"]["rounds"]) == rounds
     tar = result["tar"]
-    assert set(tar["writers"]) == {"store", "folder", "plain"}
+    assert set(tar["writers"]) == {"store", "folder", "plain", "multipart"}
     assert tar["written"] == tar["expected"] == 2 * rounds * 12
-    assert tar["objects"] == tar["objects_expected"] == rounds * tar["shards"] == rounds * 3
+    assert tar["objects"] == tar["objects_expected"] == 2 * rounds * tar["shards"] == 2 * rounds * 3
     for row in tar["writers"]["store"]["rounds"]:
         assert row["written"] == row["expected"] == 12 and row["same_as_folder"]
     for part in (files, tar):

@@ -309,6 +309,29 @@ def pool_run(store: Store, url: str, files: dict[str, bytes], threads: int) -> d
     return meter.row(len(items))
 
 
+def multipart_run(store: Store, url: str, files: dict[str, bytes]) -> dict[str, Any]:
+    """One object after the other as the dataset's uploader sends a tar part: an S3 multipart
+    upload from a spool file (written before the clock starts), same client; rate per object."""
+    import tempfile
+
+    from .._stores._multipart import upload_file
+
+    spools = []
+    try:
+        for name, data in files.items():
+            spool = tempfile.TemporaryFile()  # noqa: SIM115 (closed below)
+            spools.append((name, spool, len(data)))
+            spool.write(data)
+            spool.flush()
+        with Meter(store.server_pid) as meter:
+            for name, spool, size in spools:
+                upload_file(store.client, f"{url}/{name}", spool.fileno(), size)
+    finally:
+        for _, spool, _ in spools:
+            spool.close()
+    return meter.row(len(files))
+
+
 def bare_run(store: Store, url: str, count: int, threads: int) -> dict[str, Any]:
     """``count`` unsigned 1-byte PUTs over ``threads`` keep-alive HTTP connections: the
     server's own ceiling, with a client that costs next to no CPU (moto accepts them)."""
@@ -409,6 +432,8 @@ def _scenario(config: Any, store: Store, log: Log, server: str) -> dict[str, Any
                 "tar folder": lambda: _dataset_in_folder(work / "tar", "tar", tar_count, size, shard,
                                                          workers, ext),
                 "tar plain": lambda: _uploads(store, "shards", payload["tar"], 1, images=tar_count),
+                "tar multipart": lambda: _uploads(store, "multipart", payload["tar"], 1,
+                                                  images=tar_count, multipart=True),
             })
         else:
             log(f"  tar mode on the store: {tar}")
@@ -480,10 +505,11 @@ def _dataset_in_folder(base: Path, mode: str, count: int, size: int, shard: int,
 
 
 def _uploads(store: Store, what: str, files: dict[str, bytes], threads: int,
-             images: int | None = None) -> dict[str, Any]:
-    """PUT ``files`` (rate per image: ``images`` when the objects are shards)."""
+             images: int | None = None, multipart: bool = False) -> dict[str, Any]:
+    """PUT ``files`` (rate per image: ``images`` when the objects are shards), or with
+    ``multipart`` send each as the tar uploader does."""
     url = store.fresh(what)
-    row = pool_run(store, url, files, threads)
+    row = multipart_run(store, url, files) if multipart else pool_run(store, url, files, threads)
     objects = len(store.listing(url))
     if images is not None:  # shards: rates per image, and bytes per second
         scale = images / len(files)
@@ -519,6 +545,10 @@ def _summarise(rounds: dict[str, list[dict[str, Any]]], count: int, baseline: st
         # perfect overlap of the two would reach on this machine.
         bound = min(folder["images_per_second"], plain["images_per_second"])
         row = {"store_vs_plain": store["images_per_second"] / plain["images_per_second"],
+               **({"store_vs_multipart": store["images_per_second"]
+                   / rounds["multipart"][i]["images_per_second"],
+                   "multipart_vs_plain": rounds["multipart"][i]["images_per_second"]
+                   / plain["images_per_second"]} if "multipart" in rounds else {}),
                "store_vs_bound": store["images_per_second"] / bound,
                "folder_vs_plain": folder["images_per_second"] / plain["images_per_second"],
                "parent_cpu_store_vs_folder": store["parent_cpu_ms"] / folder["parent_cpu_ms"],
@@ -668,10 +698,15 @@ def table(result: dict[str, Any]) -> str:
                   _table(header, writer_rows(tar, {
                       "store": "`write_dataset` → store, tar mode (as `generate`)",
                       "plain": "plain loop, one PUT per shard of the same bytes, same client",
+                      "multipart": "plain loop, each shard as one multipart upload of 8 MiB "
+                                   "parts (as the uploader sends it), same client",
                       "folder": "`write_dataset` → folder, tar mode"})), "",
                   _table(["tar mode, ratio of rates (per round, then median)", "ratio"], [
                       ["`write_dataset` → store / plain loop", _range(tr["store_vs_plain"], "{:.2f}")],
                       ["`write_dataset` → folder / plain loop", _range(tr["folder_vs_plain"], "{:.2f}")],
+                      ["`write_dataset` → store / plain multipart loop",
+                       _range(tr["store_vs_multipart"], "{:.2f}")],
+                      ["plain multipart loop / plain loop", _range(tr["multipart_vs_plain"], "{:.2f}")],
                       ["`write_dataset` → store / the slower of folder and plain loop",
                        _range(tr["store_vs_bound"], "{:.2f}")]])]
     cpu_rows = []
@@ -727,9 +762,14 @@ def targets(result: dict[str, Any]) -> list[dict[str, Any]]:
         out.append({"target": "scenario 9: generate tar mode to the store ≥ 0.8× a plain loop of "
                               "the same shards", "measured": tar["skipped"], "met": False})
     else:
-        ratio = tar["ratios"]["summary"]["store_vs_plain"]["median"]
+        summary = tar["ratios"]["summary"]
+        ratio = summary["store_vs_plain"]["median"]
+        measured = f"{ratio:.2f}×"
+        if "store_vs_multipart" in summary:
+            measured += (f" ({summary['store_vs_multipart']['median']:.2f}× the same shards sent "
+                         "as multipart uploads)")
         out.append({"target": f"scenario 9: generate tar mode to the store ≥ {TARGET_RATE_RATIO:g}× a "
-                              "plain loop of the same shards", "measured": f"{ratio:.2f}×",
+                              "plain loop of the same shards", "measured": measured,
                     "met": ratio >= TARGET_RATE_RATIO})
     points = loop["store_minus_folder_points"]["median"]
     out.append({"target": f"scenario 9: GPU-bound loop, store root ≤ folder root + "
