@@ -18,9 +18,11 @@ import hashlib
 import mmap
 import os
 import signal
+import struct
 import sys
 import traceback
 from multiprocessing.connection import Connection
+from multiprocessing.reduction import ForkingPickler
 from typing import Any
 
 import cv2
@@ -298,37 +300,63 @@ class _Uploads:
     """A worker's PUTs to a store, one in flight on a thread of its own, so that the next
     image is encoded while the last one uploads (the concurrency per worker stays one PUT).
     Reports are sent from the main thread only. The pixels stay in the buffer until the PUT
-    is answered: a worker killed mid-PUT is replaced and its images are encoded again."""
+    is answered: a worker killed mid-PUT is replaced and its images are encoded again.
+
+    ``Written`` reports go home in groups of ``REPORT_EVERY`` (and at the end of each job),
+    written together, so that the collector wakes once per group: a store's answers come
+    one at a time, and a wake-up per image cost the parent about 0.08 ms of CPU each."""
+
+    REPORT_EVERY = 8
 
     def __init__(self) -> None:
         self._pool: Any = None
-        self._inflight: Any = None  # (future, conn, job id, position, nbytes, sha256)
+        self._inflight: Any = None  # (future, job id, position, nbytes, sha256)
+        self._conn: Connection | None = None
+        self._reports: list[Report] = []  # answered, not yet sent home
 
     def start(self, conn: Connection, job_id: int, position: int, spec: Any, url: str,
               data: bytes, sha: str | None) -> None:
-        self.finish()  # at most one PUT in flight
+        self._wait()  # at most one PUT in flight
         if self._pool is None:
             import concurrent.futures
 
             self._pool = concurrent.futures.ThreadPoolExecutor(1, "asyncdump-put")
+        self._conn = conn
         store = _store(spec)
         future = self._pool.submit(store.put, url, data, spec.overwrite)
-        self._inflight = (future, conn, job_id, position, len(data), sha)
+        self._inflight = (future, job_id, position, len(data), sha)
+        if len(self._reports) >= self.REPORT_EVERY:
+            self._send_reports()
 
     def finish(self) -> None:
-        """Wait for the PUT in flight (if any) and report it."""
+        """Wait for the PUT in flight (if any) and send every report home."""
+        self._wait()
+        self._send_reports()
+
+    def _wait(self) -> None:
         if self._inflight is None:
             return
-        future, conn, job_id, position, nbytes, sha = self._inflight
+        future, job_id, position, nbytes, sha = self._inflight
         self._inflight = None
         try:
             future.result()
         except BaseException as exc:
             err = exc.errno if isinstance(exc, OSError) else None
             tb = "".join(traceback.format_exception(exc))
-            _report(conn, Failed(job_id, position, err, _failure_text(exc), tb))
+            self._reports.append(Failed(job_id, position, err, _failure_text(exc), tb))
         else:
-            _report(conn, Written(job_id, position, nbytes, sha))
+            self._reports.append(Written(job_id, position, nbytes, sha))
+
+    def _send_reports(self) -> None:
+        if not self._reports or self._conn is None:
+            return
+        frames = b"".join(struct.pack("!i", len(data)) + data  # Connection's frames
+                          for data in map(ForkingPickler.dumps, self._reports))
+        self._reports = []
+        with contextlib.suppress(OSError):  # the parent is gone: nobody to tell
+            view = memoryview(frames)
+            while view:
+                view = view[os.write(self._conn.fileno(), view):]
 
 
 _uploads = _Uploads()
