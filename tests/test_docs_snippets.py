@@ -320,6 +320,13 @@ SKIP.update({
     ("docs/object-storage.md", "PREFIX/dataset.json                            the job; PUT "
                                "first, before any image (as in a folder)"):
         "a layout listing, not code",
+    ("docs/object-storage.md", "asyncdump generate --out s3://my-bucket/shards --count 1000000 "
+                               "--size 256 --mode tar --shard-size 1000"):
+        "needs a bucket on a store (and a million images): tests/test_dataset_store_tar.py runs "
+        "generate --mode tar, kill -9 and --resume against moto's S3 server on loopback",
+    ("docs/object-storage.md", "# on each of N nodes (node_rank 0..N-1), 8 ranks per node"):
+        "needs several nodes and a bucket: tests/test_dataset_store_ranks.py runs the same "
+        "command under torchrun with 2 ranks on one machine against moto",
 })
 
 
