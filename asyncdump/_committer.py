@@ -44,8 +44,8 @@ _Batch = tuple[concurrent.futures.Future[Any], list[int], list[Meta], str]
 class _Handed(NamedTuple):
     """An object handed to the uploader: what its acknowledgement commits."""
 
-    tar: TarPart | None  # a tar part (its lines' manifest part follows), or None:
-    part: str  # the manifest part's name (lines mode)
+    tar: TarPart | None  # a tar part (its manifest part follows), or None: a manifest part
+    name: str  # the object's name under the prefix
     indices: list[int]
     lines: list[str]
     image_bytes: int
@@ -101,8 +101,8 @@ class Committer:
         self.release()
 
     def abandon_uploads(self) -> None:
-        """Any thread (Ctrl-C): stop uploading tar parts now; those not yet acknowledged fail
-        (a resume writes their images again)."""
+        """Any thread (Ctrl-C): stop uploading to the store now; the tar and manifest parts not
+        yet acknowledged fail (a resume writes their images again)."""
         if self._uploader is not None:
             self._uploader.abandon()
 
@@ -169,8 +169,7 @@ class Committer:
         self.last_index = indices[-1]
         if self._uploader is not None:
             assert self._store is not None
-            part = self._store.next_part()
-            self._hand_over(_Handed(None, part, indices, lines, image_bytes),
+            self._hand_over(_Handed(None, self._store.next_part(), indices, lines, image_bytes),
                             data="".join(lines).encode())
             return
         try:
@@ -185,8 +184,7 @@ class Committer:
         """Give an object to the uploader; wait while too many are unanswered (a slow store:
         the committer's queue fills and ``submit`` blocks)."""
         assert self._uploader is not None and self._store is not None
-        name = handed.tar.name if handed.tar is not None else handed.part
-        self._handed[self._uploader.submit(self._store.store.url_for(name), **what)] = handed
+        self._handed[self._uploader.submit(self._store.store.url_for(handed.name), **what)] = handed
         self._tars_handed += handed.tar is not None
         while self._tars_handed > TARS_WAITING or len(self._handed) > OBJECTS_WAITING:
             self._settle_uploads(block=True)
@@ -274,7 +272,7 @@ class Committer:
             raise
         self._next_part[part.shard] = self._next_part.get(part.shard, 0) + 1
         if self._uploader is not None:  # its lines follow once the store has the tar
-            self._hand_over(_Handed(part, "", part.indices, part.lines, part.image_bytes),
+            self._hand_over(_Handed(part, part.name, part.indices, part.lines, part.image_bytes),
                             spool=part.handle, size=part.size)
             return
         self._append(part.indices, part.lines, part.image_bytes)
@@ -293,15 +291,15 @@ class Committer:
                 self.failed += len(handed.lines)
                 if error is not None and self.error is None:
                     what = "tar part" if handed.tar is not None else "manifest part"
-                    name = handed.tar.name if handed.tar is not None else handed.part
                     self.error = DatasetError(
-                        f"cannot upload the {what} {self._store.store.url_for(name)}: {error}; "
+                        f"cannot upload the {what} {self._store.store.url_for(handed.name)}: "
+                        f"{error}; "
                         "stopped, the images the manifest lists are kept: rerun with resume "
                         "(--resume)")
             elif handed.tar is not None:
                 self._append(handed.indices, handed.lines, handed.image_bytes)
             else:
-                self._store.part_stored(handed.part, handed.indices, handed.lines)
+                self._store.part_stored(handed.name, handed.indices, handed.lines)
                 self.written += len(handed.lines)
                 self.bytes += handed.image_bytes
 
