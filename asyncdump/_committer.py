@@ -291,9 +291,10 @@ class Committer:
                 self.failed += len(handed.lines)
                 if error is not None and self.error is None:
                     what = "tar part" if handed.tar is not None else "manifest part"
+                    url = self._store.store.url_for(handed.name)
+                    detail = error if error.startswith(url) else f"{url}: {error}"
                     self.error = DatasetError(
-                        f"cannot upload the {what} {self._store.store.url_for(handed.name)}: "
-                        f"{error}; "
+                        f"cannot upload the {what} {detail}; "
                         "stopped, the images the manifest lists are kept: rerun with resume "
                         "(--resume)")
             elif handed.tar is not None:

@@ -138,7 +138,7 @@ class StoreDataset:
             parse_manifest(name, _text(self, name), self.layout.count, entries)
         if self.layout.mode == "tar":
             durable = durable_tar_entries(self.layout, entries, listing.get)
-            abort_uploads(self._fs, self.url)  # a killed run's unfinished uploads
+            abort_uploads(self._fs, self.url, self.store.retry_seconds)  # a killed run's unfinished uploads
         else:
             durable = {i: e for i, e in entries.items() if _durable(e, listing)}
         self._next_seq = _next_seq(parts, self.rank)
@@ -198,7 +198,7 @@ class StoreDataset:
         killed uploader left; how many."""
         if self.layout.mode != "tar":
             return 0
-        return abort_uploads(self._fs, self.url)
+        return abort_uploads(self._fs, self.url, self.store.retry_seconds)
 
     def undo(self) -> None:
         """No image was written: delete what this run created (a new dataset only)."""

@@ -61,7 +61,7 @@ from ._owner import OwningProcess
 from ._ranks import Ranks
 from ._schedule import Schedule
 from ._store_dataset import StoreDataset
-from ._stores import already_checked, is_url
+from ._stores import DEFAULT_RETRY_SECONDS, already_checked, is_url
 
 __all__ = ["DatasetError", "DatasetSink", "DatasetSummary", "write_dataset"]
 
@@ -107,6 +107,9 @@ class DatasetSink:
         progress: show a tqdm bar (this rank).
         storage_options: for an object-store root, passed to its fsspec file system (as
             ``AsyncImageSink``'s).
+        retry_seconds: for an object-store root, how long transient errors (5xx, SlowDown,
+            resets, timeouts) are retried per request before the run stops (as
+            ``AsyncImageSink``'s; default 60).
     """
 
     def __init__(
@@ -127,6 +130,7 @@ class DatasetSink:
         max_buffer_bytes: int | None = None,
         png_encoder: str = "auto",
         storage_options: dict[str, Any] | None = None,
+        retry_seconds: float | None = None,
     ):
         self._closed = True
         self._owner = OwningProcess("DatasetSink")
@@ -147,6 +151,7 @@ class DatasetSink:
         encode_params(codec, quality)
         self.png_encoder = check_png_encoder(png_encoder, codec, quality)
         self._storage_options = _check_store_root(root, storage_options)
+        self._retry_seconds = _check_retry_seconds(retry_seconds, self._storage_options is not None)
         self.root: Any  # a Path, or the URL (str) of an object-store prefix
         self.root = root if self._storage_options is not None else Path(os.path.abspath(os.fspath(root)))
         self.mode = mode
@@ -199,7 +204,8 @@ class DatasetSink:
                                         on_error="ignore", fsync=fsync, overwrite=True,
                                         max_buffer_bytes=max_buffer_bytes,
                                         png_encoder=self.png_encoder,
-                                        storage_options=self._storage_options)
+                                        storage_options=self._storage_options,
+                                        retry_seconds=self._retry_seconds)
         manifest = None if self._store is not None else \
             self.root / (MANIFEST_FILE if self.world == 1 else rank_manifest(self.rank))
         self._committer = Committer(
@@ -223,7 +229,8 @@ class DatasetSink:
         """An object-store prefix: rank 0 checks it and PUTs dataset.json or merges the durable
         entries (the others wait, as for a folder); every rank returns the durable entries."""
         assert self._storage_options is not None
-        self._store = StoreDataset(self.root, self._storage_options, self.layout, rank=self.rank)
+        self._store = StoreDataset(self.root, self._storage_options, self.layout,
+                                   self._retry_seconds, rank=self.rank)
         self.root = self._store.url
         store = self._store
         if self.world == 1:
@@ -454,6 +461,17 @@ def _check_store_root(root: Any, storage_options: dict[str, Any] | None) -> dict
     if storage_options is not None and not isinstance(storage_options, dict):
         raise TypeError(f"storage_options must be a dict, got {type(storage_options).__name__}")
     return dict(storage_options or {})
+
+
+def _check_retry_seconds(value: Any, store: bool) -> float:
+    """``retry_seconds`` as a float (the default when None); only an object-store root has it."""
+    if value is None:
+        return DEFAULT_RETRY_SECONDS
+    if not store:
+        raise ValueError(f"retry_seconds is only for object-store roots (scheme://...), got {value!r}")
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
+        raise ValueError(f"retry_seconds must be a number >= 0, got {value!r}")
+    return float(value)
 
 
 def _check_int(name: str, value: Any) -> None:

@@ -183,13 +183,19 @@ def test_storage_options_reach_the_dataset(s3: S3Server, monkeypatch: pytest.Mon
     assert len(s3.keys(bucket, "cli/")) == 5
 
 
-def test_storage_options_and_their_values_are_checked(s3: S3Server, in_tmp: Path) -> None:
+def test_storage_options_retry_seconds_and_their_values_are_checked(s3: S3Server, in_tmp: Path) -> None:
     bucket = s3.bucket()
     with pytest.raises(ValueError, match="storage_options is only for object-store roots"):
         DatasetSink(in_tmp / "local", count=4, storage_options={"anon": True})
     assert main(["generate", "--out", "local", "--count", "4", "--storage-option", "a=b"]) == 2
     assert main(["generate", "--out", f"s3://{bucket}/t", "--count", "4",
                  "--storage-option", "novalue"]) == 2
+    with pytest.raises(ValueError, match="retry_seconds is only for object-store roots"):
+        DatasetSink(in_tmp / "local", count=4, retry_seconds=5)
+    for bad in (-1, "5", True, float("nan")):
+        with pytest.raises(ValueError, match="retry_seconds must be a number >= 0"):
+            DatasetSink(f"s3://{bucket}/t", count=4, retry_seconds=bad)
+    assert main(["generate", "--out", "local", "--count", "4", "--retry-seconds", "5"]) == 2
 
     assert s3.keys(bucket) == [] and os.listdir(in_tmp) == []
 

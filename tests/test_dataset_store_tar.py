@@ -315,3 +315,41 @@ def test_ctrl_c_while_an_upload_hangs_stops_at_once(s3: S3Server, proxy: FaultPr
     assert done.returncode == 0, done.stderr
     assert len(objects(s3, bucket, "ds")) == 2 + 200
     assert unfinished_uploads(s3, bucket) == []
+
+
+def test_an_outage_longer_than_the_deadline_stops_the_run_with_one_line(
+        s3: S3Server, proxy: FaultProxy) -> None:
+    """From the first UploadPart on, every connection is refused; with ``--retry-seconds 1``
+    ``generate`` stops at once with one line naming the tar part, and exits 1 (no hang). When
+    the store is back, ``--resume`` completes the dataset and aborts the failed upload."""
+    bucket = s3.bucket()
+    down = threading.Event()
+
+    def plan(n: int, method: str, path: str) -> str:
+        if "partNumber=" in path:
+            down.set()
+        return "refuse" if down.is_set() else "pass"
+
+    proxy.plan = plan
+    # 256² shapes, about 44 KB each: a shard of 200 is sent as a multipart upload
+    common = ["--out", f"s3://{bucket}/ds", "--count", "400", "--size", "256", "--shard-size",
+              "200", "--workers", "1", "--device", "cpu", "--mode", "tar", "--no-progress",
+              "--storage-option", f"endpoint_url={proxy.endpoint}"]
+    failed = subprocess.run([sys.executable, "-m", "asyncdump", "generate", *common,
+                             "--retry-seconds", "1"],
+                            capture_output=True, text=True, timeout=150, env=env())
+    assert failed.returncode == 1 and down.is_set()
+    error = failed.stderr.strip()
+    assert len(error.splitlines()) == 1, error
+    assert f"cannot upload the tar part s3://{bucket}/ds/shard-00000" in error
+    assert "still failing after" in error and "--resume" in error
+    assert uploader_pids() == []
+    down.clear()
+    proxy.plan = lambda n, method, path: "pass"
+    done = subprocess.run([sys.executable, "-m", "asyncdump", "generate", *common, "--resume"],
+                          capture_output=True, text=True, timeout=150, env=env())
+    assert done.returncode == 0, done.stderr
+    assert "400 images written (0 already there)" in done.stdout
+    assert sorted(objects(s3, bucket, "ds")) == ["dataset.json", "manifest.jsonl",
+                                                 "shard-000000.tar", "shard-000001.tar"]
+    assert unfinished_uploads(s3, bucket) == []

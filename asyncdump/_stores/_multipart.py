@@ -99,7 +99,7 @@ def _abort(fs: Any, bucket: str, key: str, upload_id: str) -> None:
             raise
 
 
-def abort_uploads(fs: Any, url: str) -> int:
+def abort_uploads(fs: Any, url: str, retry_seconds: float) -> int:
     """Abort every unfinished multipart upload under ``url`` (S3; a prefix whose writers are
     all stopped); the number aborted. Their parts cost storage but were never visible."""
     bucket, _, prefix = fs._strip_protocol(url).partition("/")
@@ -109,11 +109,11 @@ def abort_uploads(fs: Any, url: str) -> int:
     for _ in range(10_000):  # bounded: 1,000 uploads per page
         def list_page(marker: dict[str, str] = marker) -> Any:
             return fs.call_s3("list_multipart_uploads", Bucket=bucket, Prefix=prefix, **marker)
-        page = with_retries(url, list_page, 60.0)
+        page = with_retries(url, list_page, retry_seconds)
         for upload in page.get("Uploads", []):
             def abort(upload: dict[str, Any] = upload) -> None:
                 _abort(fs, bucket, upload["Key"], upload["UploadId"])
-            with_retries(url, abort, 60.0)
+            with_retries(url, abort, retry_seconds)
             aborted += 1
         if not page.get("IsTruncated"):
             break

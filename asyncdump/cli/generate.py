@@ -56,6 +56,9 @@ def run(args: argparse.Namespace) -> int:
     if storage_options is not None and not is_url(args.out):
         return _fail(f"--storage-option is only for an object-store --out (scheme://...), "
                      f"got {args.out!r}")
+    if args.retry_seconds is not None and not is_url(args.out):
+        return _fail(f"--retry-seconds is only for an object-store --out (scheme://...), "
+                     f"got {args.out!r}")
     plan = _user_plan(args) if args.generator is not None else _builtin_plan(args)
     if isinstance(plan, int):
         return plan
@@ -68,6 +71,7 @@ def run(args: argparse.Namespace) -> int:
             mode=args.mode, shard_size=args.shard_size, shard_bytes=args.shard_bytes,
             workers=args.workers, resume=args.resume, fsync=args.fsync,
             png_encoder=args.png_encoder, job=plan.job, storage_options=storage_options,
+            retry_seconds=args.retry_seconds,
             progress=not args.no_progress and os.environ.get("RANK", "0") == "0")
     except (AsyncDumpError, ValueError, TypeError, OSError, RuntimeError, ImportError) as exc:
         _release_ranks(plan.owns_group)
@@ -276,4 +280,7 @@ def register(subparsers: Any) -> None:
                         help="object-store --out: an option for its fsspec file system "
                              "(repeatable; e.g. endpoint_url=http://minio:9000; true/false are "
                              "booleans)")
+    parser.add_argument("--retry-seconds", type=float, default=None, metavar="S",
+                        help="object-store --out: retry transient errors this long per request "
+                             "before the run stops (default 60)")
     parser.set_defaults(func=run)
