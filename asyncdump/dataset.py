@@ -354,9 +354,14 @@ class DatasetSink:
         try:
             self._sink.close()
         finally:
-            self._committer.stop()
-            if self._bar is not None:
-                self._bar.close()
+            try:
+                self._committer.stop()
+            except KeyboardInterrupt:  # Ctrl-C while close waits for the store: stop waiting
+                self._committer.abandon_uploads()
+                raise
+            finally:
+                if self._bar is not None:
+                    self._bar.close()
         seconds = time.perf_counter() - self._started
         committer = self._committer
         local = (committer.written, committer.failed, committer.bytes)

@@ -26,7 +26,7 @@ from fault_proxy import FaultProxy
 from s3_server import S3Server, s3_fixture  # noqa: F401 (the s3 fixture)
 from test_dataset_store import _kill_after_first_part, env, objects, tree
 
-from asyncdump import write_dataset
+from asyncdump import DatasetSink, write_dataset
 from asyncdump._committer import QUEUED_BATCHES, TARS_WAITING
 
 pytestmark = pytest.mark.timeout(240)
@@ -75,8 +75,15 @@ def outcome(stored: dict[str, bytes], expected: dict[str, bytes]) -> tuple[int, 
 
 
 def uploader_pids() -> list[int]:
-    return [p.pid for p in psutil.Process().children(recursive=True)
-            if "asyncdump._uploader" in " ".join(p.cmdline())]
+    """This process's uploader children that are still running (a zombie has exited)."""
+    found = []
+    for process in psutil.Process().children(recursive=True):
+        try:
+            if "asyncdump._uploader" in " ".join(process.cmdline()):
+                found.append(process.pid)
+        except psutil.Error:  # gone, or a zombie not yet reaped
+            pass
+    return found
 
 
 def test_a_tar_store_run_equals_a_folder_run(s3: S3Server, folder_run: dict[str, bytes]) -> None:
@@ -353,3 +360,39 @@ def test_an_outage_longer_than_the_deadline_stops_the_run_with_one_line(
     assert sorted(objects(s3, bucket, "ds")) == ["dataset.json", "manifest.jsonl",
                                                  "shard-000000.tar", "shard-000001.tar"]
     assert unfinished_uploads(s3, bucket) == []
+
+
+def test_ctrl_c_while_close_waits_for_a_held_upload_stops_the_uploader(
+        s3: S3Server, proxy: FaultProxy) -> None:
+    """Every image is submitted; ``close`` waits for a tar upload the proxy holds. Ctrl-C
+    (SIGINT to this process) interrupts it, and the uploader is stopped at once instead of
+    waiting for the store."""
+    import os
+    import signal
+
+    bucket = s3.bucket()
+    proxy.plan = lambda n, method, path: "stall" if ".tar" in path else "pass"
+    proxy.stall_seconds = 150  # longer than this test waits
+    sink = DatasetSink(f"s3://{bucket}/ds", count=20, shard_size=10, workers=1, mode="tar",
+                       storage_options={"endpoint_url": proxy.endpoint})
+    for indices in sink.pending(5):
+        sink.submit(indices, *noise(indices, side=16))
+
+    def interrupt_when_held() -> None:
+        for _ in range(1200):  # bounded: up to 120 s for the upload to be held
+            if proxy.holding:
+                break
+            threading.Event().wait(0.1)
+        os.kill(os.getpid(), signal.SIGINT)
+
+    threading.Thread(target=interrupt_when_held, daemon=True).start()
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            sink.close()
+        for _ in range(300):  # bounded: 30 s, while the proxy holds the upload for 150 s
+            if not uploader_pids():
+                break
+            threading.Event().wait(0.1)
+        assert uploader_pids() == [] and proxy.holding
+    finally:
+        proxy.release()
