@@ -467,7 +467,8 @@ def _scenario(config: Any, store: Store, log: Log, server: str) -> dict[str, Any
 
 
 def _probe_tar(store: Store, size: int, shard: int, workers: int) -> str | None:
-    """None when tar mode to a store works here; else the one-line refusal (not yet on main)."""
+    """None when tar mode works on this store; else its one-line refusal (a store without S3's
+    multipart uploads)."""
     from ..dataset import DatasetSink
 
     url = store.fresh("probe-tar")
