@@ -74,7 +74,8 @@ def test_close_honours_its_timeout_while_the_worker_is_stopped(tmp_path: Path) -
     os.kill(pid, signal.SIGSTOP)  # it reads nothing more: every send to it would block
     try:
         future = sink.submit(tiny_images(4096))
-        with pytest.raises(TimeoutError):
+        with pytest.raises(TimeoutError), \
+                pytest.warns(RuntimeWarning, match="image.s. were not written"):
             sink.close(timeout=0.5)
     finally:
         with contextlib.suppress(ProcessLookupError):
