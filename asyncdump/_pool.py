@@ -19,19 +19,17 @@ import os
 import select
 import signal
 import socket
-import struct
 import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
-from multiprocessing.reduction import ForkingPickler
 from pathlib import Path
 from typing import Any
 
 import psutil
 
-from ._protocol import Stop
+from ._protocol import Stop, framed
 
 _PACKAGE_PARENT = str(Path(__file__).resolve().parent.parent)
 
@@ -66,9 +64,7 @@ class WorkerProcess:
         """Queue ``message`` for the worker and send what the socket takes now, never waiting.
 
         Raises OSError if the worker is gone (its EOF is then handled by the collector)."""
-        data = ForkingPickler.dumps(message)
-        self.outbox += struct.pack("!i", len(data))  # Connection's frame: a signed length
-        self.outbox += data
+        self.outbox += framed([message])
         self.send_pending()
 
     def send_pending(self) -> bool:

@@ -15,6 +15,9 @@ records below, pickled over the worker's socket. Imports nothing heavy, because 
 
 from __future__ import annotations
 
+import struct
+from collections.abc import Iterable
+from multiprocessing.reduction import ForkingPickler
 from typing import Any, NamedTuple
 
 
@@ -137,3 +140,11 @@ class ProbeAnswer(NamedTuple):
 
 ToWorker = RunJob | Probe | Stop
 Report = Ready | Encoded | Written | EncodedBytes | Failed | ProbeAnswer
+
+
+def framed(messages: Iterable[Any]) -> bytes:
+    """``messages`` pickled and framed as ``multiprocessing.connection.Connection`` frames them
+    (a signed 4-byte length, then the bytes): written in one go, ``Connection.recv`` reads
+    each. For sends that must not wait (the pool's outboxes) and reports sent together."""
+    return b"".join(struct.pack("!i", len(data)) + data
+                    for data in map(ForkingPickler.dumps, messages))

@@ -47,7 +47,13 @@ from ._protocol import GridSpec, JobSettings
 from ._signals import deferred_sigint
 from ._staging import Batch, Conversion, copy_into_buffer, inspect
 from ._stats import SinkStats
-from ._stores import DEFAULT_RETRY_SECONDS, StoreSpec, is_url, open_destination
+from ._stores import (
+    DEFAULT_RETRY_SECONDS,
+    StoreSpec,
+    checked_retry_seconds,
+    checked_store_options,
+    open_destination,
+)
 
 ON_FULL = ("block", "drop", "raise")
 ON_ERROR = ("raise", "warn", "ignore")
@@ -107,8 +113,9 @@ class AsyncImageSink:
         suffix = _checked_extension(codec.extension if extension is None else extension)
         self._store: StoreSpec | None = None  # set for an object-store root (docs/object-storage.md)
         self.root: Any
-        if is_url(root) or storage_options is not None:
-            self._store = _open_store(root, storage_options, overwrite, retry_seconds)
+        options = checked_store_options(root, storage_options)
+        if options is not None:
+            self._store = _open_store(root, options, overwrite, retry_seconds)
             self.root = self._store.url
         else:
             self.root = Path(os.path.abspath(os.fspath(root)))
@@ -453,17 +460,12 @@ class AsyncImageSink:
         return f"AsyncImageSink({str(self.root)!r}, format={self._codec.extension[1:]!r}, {state})"
 
 
-def _open_store(root: Any, storage_options: dict[str, Any] | None, overwrite: bool,
+def _open_store(root: Any, storage_options: dict[str, Any], overwrite: bool,
                 retry_seconds: float) -> StoreSpec:
     """Load the store's plugin and check the bucket and credentials now (``StoreError``)."""
-    if not is_url(root):
-        raise ValueError("storage_options is only for object-store roots (scheme://...), "
-                         f"got {os.fspath(root)!r}")
-    if isinstance(retry_seconds, bool) or not isinstance(retry_seconds, (int, float)) \
-            or not retry_seconds >= 0:
-        raise ValueError(f"retry_seconds must be a number >= 0, got {retry_seconds!r}")
-    store = open_destination(root, storage_options, retry_seconds=float(retry_seconds))
-    return StoreSpec(store.url, dict(storage_options or {}), bool(overwrite), float(retry_seconds))
+    retry_seconds = checked_retry_seconds(retry_seconds)
+    store = open_destination(root, storage_options, retry_seconds=retry_seconds)
+    return StoreSpec(store.url, storage_options, bool(overwrite), retry_seconds)
 
 
 def _encoded_labels(count: int) -> list[str]:

@@ -28,7 +28,7 @@ from typing import IO, Any, NamedTuple
 from ._pool import start_helper
 
 MAX_ATTEMPTS = 3  # uploader processes a part may outlive before it fails
-MAX_MESSAGE = 1 << 20
+MAX_MESSAGE = 1 << 20  # the largest message either way
 INLINE_BYTES = 64 << 10  # larger objects travel as a spool file (a datagram has a size limit)
 
 

@@ -13,33 +13,21 @@ never torch or cv2.
 
 from __future__ import annotations
 
-import contextlib
-import ctypes
 import os
 import pickle
 import signal
 import socket
 import sys
 
-MAX_MESSAGE = 1 << 20
-
-_PR_SET_PDEATHSIG = 1
-
-
-def _install_signals(parent_pid: int) -> None:
-    # Ctrl-C reaches the whole process group: the parent decides (it kills us when it must).
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
-    if sys.platform.startswith("linux"):
-        with contextlib.suppress(OSError, AttributeError):
-            ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
-    if os.getppid() != parent_pid:  # the parent died before prctl took effect
-        os._exit(0)
+from asyncdump._child import leave_ctrl_c_to_the_parent, signal_on_parent_death
+from asyncdump._store_uploads import MAX_MESSAGE
 
 
 def main(argv: list[str]) -> int:
     sock = socket.socket(fileno=int(argv[1]))
-    _install_signals(int(argv[2]))
+    leave_ctrl_c_to_the_parent()  # the parent kills us when Ctrl-C must stop an upload
+    if not signal_on_parent_death(signal.SIGKILL, int(argv[2])):
+        return 0
     from asyncdump._stores import open_store
     from asyncdump._stores._multipart import upload_file
 

@@ -18,16 +18,15 @@ import hashlib
 import mmap
 import os
 import signal
-import struct
 import sys
 import traceback
 from multiprocessing.connection import Connection
-from multiprocessing.reduction import ForkingPickler
 from typing import Any
 
 import cv2
 import numpy as np
 
+from asyncdump._child import leave_ctrl_c_to_the_parent, signal_on_parent_death
 from asyncdump._convert import to_image, to_opencv_image
 from asyncdump._fsutil import Folders, rename_noreplace, unlink_quietly
 from asyncdump._protocol import (
@@ -42,12 +41,12 @@ from asyncdump._protocol import (
     RunJob,
     Stop,
     Written,
+    framed,
 )
 from asyncdump._tile import grid_image
 
 __all__ = ["main", "run_job", "to_opencv_image"]
 
-_PR_SET_PDEATHSIG = 1
 _parent_gone = False
 
 
@@ -69,19 +68,10 @@ def _on_sigterm(signum: int, frame: Any) -> None:
 
 
 def _install_signals(parent_pid: int) -> None:
-    # The pool starts us with SIGINT blocked; ignore it before unblocking so that Ctrl-C,
-    # which reaches the whole process group, never interrupts a file (the parent decides).
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+    leave_ctrl_c_to_the_parent()  # never interrupts a file: the parent decides
     signal.signal(signal.SIGTERM, _on_sigterm)
     signal.signal(signal.SIGUSR1, _on_parent_death)
-    if sys.platform.startswith("linux"):
-        try:
-            libc = ctypes.CDLL(None, use_errno=True)
-            libc.prctl(_PR_SET_PDEATHSIG, signal.SIGUSR1, 0, 0, 0)
-        except (OSError, AttributeError):
-            pass
-    if os.getppid() != parent_pid:  # the parent died before prctl took effect
+    if not signal_on_parent_death(signal.SIGUSR1, parent_pid):
         _on_parent_death(signal.SIGUSR1, None)
 
 
@@ -265,6 +255,7 @@ def run_job(conn: Connection, buffer: np.ndarray, job: RunJob) -> None:
         params += [int(getattr(cv2, flag)), int(value)]
     nbytes = settings.image_bytes
     rgb = settings.spec.encoder == "fpng"
+    store = None  # the job's store client, looked up at its first image
     for i, final, temp, offset in job.items:
         try:
             raw = buffer[offset: offset + nbytes]
@@ -276,7 +267,9 @@ def run_job(conn: Connection, buffer: np.ndarray, job: RunJob) -> None:
                 _report(conn, EncodedBytes(job.job_id, i, encoded.tobytes(), sha))
                 continue
             if settings.store is not None:  # an object store: one PUT, acknowledged
-                _uploads.start(conn, job.job_id, i, settings.store, final, _as_bytes(encoded), sha)
+                store = store or _store(settings.store)
+                _uploads.start(conn, job.job_id, i, store, settings.store.overwrite, final,
+                               _as_bytes(encoded), sha)
                 continue
             # Relative to the folder's descriptor: no symlink swapped in below root redirects it.
             folders, folder, base = _folder_of(settings.root, final)
@@ -289,8 +282,7 @@ def run_job(conn: Connection, buffer: np.ndarray, job: RunJob) -> None:
         except (SystemExit, KeyboardInterrupt):
             raise
         except BaseException as exc:
-            err = exc.errno if isinstance(exc, OSError) else None
-            _report(conn, Failed(job.job_id, i, err, _failure_text(exc), traceback.format_exc()))
+            _report(conn, _failed(job.job_id, i, exc))
         finally:
             _temp_in_progress = None  # renamed into place, or removed
     _uploads.finish()  # the job's last PUT is answered before the next job starts
@@ -314,16 +306,15 @@ class _Uploads:
         self._conn: Connection | None = None
         self._reports: list[Report] = []  # answered, not yet sent home
 
-    def start(self, conn: Connection, job_id: int, position: int, spec: Any, url: str,
-              data: bytes, sha: str | None) -> None:
+    def start(self, conn: Connection, job_id: int, position: int, store: Any, overwrite: bool,
+              url: str, data: bytes, sha: str | None) -> None:
         self._wait()  # at most one PUT in flight
         if self._pool is None:
             import concurrent.futures
 
             self._pool = concurrent.futures.ThreadPoolExecutor(1, "asyncdump-put")
         self._conn = conn
-        store = _store(spec)
-        future = self._pool.submit(store.put, url, data, spec.overwrite)
+        future = self._pool.submit(store.put, url, data, overwrite)
         self._inflight = (future, job_id, position, len(data), sha)
         if len(self._reports) >= self.REPORT_EVERY:
             self._send_reports()
@@ -341,17 +332,14 @@ class _Uploads:
         try:
             future.result()
         except BaseException as exc:
-            err = exc.errno if isinstance(exc, OSError) else None
-            tb = "".join(traceback.format_exception(exc))
-            self._reports.append(Failed(job_id, position, err, _failure_text(exc), tb))
+            self._reports.append(_failed(job_id, position, exc))
         else:
             self._reports.append(Written(job_id, position, nbytes, sha))
 
     def _send_reports(self) -> None:
         if not self._reports or self._conn is None:
             return
-        frames = b"".join(struct.pack("!i", len(data)) + data  # Connection's frames
-                          for data in map(ForkingPickler.dumps, self._reports))
+        frames = framed(self._reports)
         self._reports = []
         with contextlib.suppress(OSError):  # the parent is gone: nobody to tell
             view = memoryview(frames)
@@ -360,6 +348,12 @@ class _Uploads:
 
 
 _uploads = _Uploads()
+
+
+def _failed(job_id: int, position: int, exc: BaseException) -> Failed:
+    """The ``Failed`` report of an image whose encoding or writing raised ``exc``."""
+    return Failed(job_id, position, exc.errno if isinstance(exc, OSError) else None,
+                  _failure_text(exc), "".join(traceback.format_exception(exc)))
 
 
 def _failure_text(exc: BaseException) -> str:

@@ -61,7 +61,12 @@ from ._owner import OwningProcess
 from ._ranks import Ranks
 from ._schedule import Schedule
 from ._store_dataset import StoreDataset
-from ._stores import DEFAULT_RETRY_SECONDS, already_checked, is_url
+from ._stores import (
+    DEFAULT_RETRY_SECONDS,
+    already_checked,
+    checked_retry_seconds,
+    checked_store_options,
+)
 
 __all__ = ["DatasetError", "DatasetSink", "DatasetSummary", "write_dataset"]
 
@@ -150,7 +155,7 @@ class DatasetSink:
         codec = get_codec(format)
         encode_params(codec, quality)
         self.png_encoder = check_png_encoder(png_encoder, codec, quality)
-        self._storage_options = _check_store_root(root, storage_options)
+        self._storage_options = checked_store_options(root, storage_options)
         self._retry_seconds = _check_retry_seconds(retry_seconds, self._storage_options is not None)
         self.root: Any  # a Path, or the URL (str) of an object-store prefix
         self.root = root if self._storage_options is not None else Path(os.path.abspath(os.fspath(root)))
@@ -454,29 +459,13 @@ def write_dataset(
     return sink.summary
 
 
-def _check_store_root(root: Any, storage_options: dict[str, Any] | None) -> dict[str, Any] | None:
-    """For an object-store root, its storage options (``{}`` when none); None for a folder.
-
-    A URL never becomes a local folder."""
-    if not is_url(root):
-        if storage_options is not None:
-            raise ValueError("storage_options is only for object-store roots (scheme://...), "
-                             f"got a local root {os.fspath(root)!r}")
-        return None
-    if storage_options is not None and not isinstance(storage_options, dict):
-        raise TypeError(f"storage_options must be a dict, got {type(storage_options).__name__}")
-    return dict(storage_options or {})
-
-
 def _check_retry_seconds(value: Any, store: bool) -> float:
     """``retry_seconds`` as a float (the default when None); only an object-store root has it."""
     if value is None:
         return DEFAULT_RETRY_SECONDS
     if not store:
         raise ValueError(f"retry_seconds is only for object-store roots (scheme://...), got {value!r}")
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
-        raise ValueError(f"retry_seconds must be a number >= 0, got {value!r}")
-    return float(value)
+    return checked_retry_seconds(value)
 
 
 def _check_int(name: str, value: Any) -> None:

@@ -1,10 +1,15 @@
 """Shared test helpers: read images back as RGB, torchvision's pixel rule computed with torch,
-and the temporary files a run left. Fixtures and hooks stay in conftest.py."""
+the temporary files a run left, and a ``generate`` run killed mid-way. Fixtures and hooks stay
+in conftest.py."""
 
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import cv2
@@ -82,3 +87,20 @@ def install_poison_harness(folder: Path, monkeypatch: pytest.MonkeyPatch) -> Non
     folder.mkdir()
     (folder / "sitecustomize.py").write_text(POISON_HARNESS)
     monkeypatch.setenv("PYTHONPATH", str(folder))
+
+
+def kill_generate_when(args: Sequence[str], env: dict[str, str], ready: Callable[[], bool],
+                       seconds: float, poll: float = 0.05) -> None:
+    """Start ``asyncdump generate --no-progress *args``; SIGKILL it as soon as ``ready()`` says
+    so (checked every ``poll`` s, for at most ``seconds``); fail if it finished first."""
+    process = subprocess.Popen([sys.executable, "-m", "asyncdump", "generate", "--no-progress",
+                                *args], env=env, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + seconds
+    try:
+        while time.monotonic() < deadline and process.poll() is None and not ready():
+            time.sleep(poll)
+        process.send_signal(signal.SIGKILL)
+    finally:
+        process.wait(30)
+    assert process.returncode == -signal.SIGKILL, "the run finished before it could be killed"

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -19,6 +18,7 @@ import pytest
 pytest.importorskip("s3fs", reason="the s3 extra (s3fs) is not installed")
 pytest.importorskip("moto.server", reason="moto[server] is not installed")
 
+from helpers import kill_generate_when
 from s3_server import S3Server, s3_fixture  # noqa: F401 (the s3 fixture)
 
 from asyncdump import DatasetError, DatasetSink, write_dataset
@@ -213,18 +213,8 @@ def test_a_generator_failing_at_once_leaves_the_prefix_as_it_was(s3: S3Server, i
 
 def _kill_after_first_part(args: list[str], s3: S3Server, bucket: str, prefix: str) -> None:
     """Start ``generate``, SIGKILL it once its first manifest part object exists."""
-    process = subprocess.Popen([sys.executable, "-m", "asyncdump", "generate", "--no-progress",
-                                *args], env=env(), stdout=subprocess.DEVNULL,
-                               stderr=subprocess.DEVNULL)
-    try:
-        for _ in range(3000):  # bounded: about 150 s at most
-            if process.poll() is not None or s3.keys(bucket, f"{prefix}/manifest.parts/"):
-                break
-            time.sleep(0.05)
-        process.send_signal(signal.SIGKILL)
-    finally:
-        process.wait(30)
-    assert process.returncode == -signal.SIGKILL, "the run finished before it could be killed"
+    kill_generate_when(args, env(), lambda: bool(s3.keys(bucket, f"{prefix}/manifest.parts/")),
+                       seconds=150)
 
 
 @pytest.mark.timeout(400)  # three generate runs; a shared 2-core machine may be slow

@@ -4,16 +4,14 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 import tarfile
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers import read_rgb
+from helpers import kill_generate_when, read_rgb
 
 from asyncdump import synthetic
 
@@ -149,24 +147,17 @@ def test_sizes_from_64_write_the_numpy_renderers_pixels(tmp_path: Path) -> None:
 
 
 def _kill_when_durable(args: list[str], out: Path, lines_at_least: int) -> int:
-    process = subprocess.Popen([sys.executable, "-m", "asyncdump", "generate", "--no-progress",
-                                *args], env=ENV, stdout=subprocess.DEVNULL,
-                               stderr=subprocess.DEVNULL)
+    """SIGKILL ``generate`` once its manifest has ``lines_at_least`` lines; the lines seen."""
     manifest_path = out / "manifest.jsonl"
-    deadline = time.monotonic() + 60
-    lines = 0
-    try:
-        while time.monotonic() < deadline and process.poll() is None:
-            if manifest_path.exists():
-                lines = manifest_path.read_bytes().count(b"\n")
-                if lines >= lines_at_least:
-                    break
-            time.sleep(0.005)
-        process.send_signal(signal.SIGKILL)
-    finally:
-        process.wait(30)
-    assert process.returncode == -signal.SIGKILL, "the run finished before it could be killed"
-    return lines
+    seen = [0]
+
+    def durable() -> bool:
+        if manifest_path.exists():
+            seen[0] = manifest_path.read_bytes().count(b"\n")
+        return seen[0] >= lines_at_least
+
+    kill_generate_when(args, ENV, durable, seconds=60, poll=0.005)
+    return seen[0]
 
 
 @pytest.mark.parametrize("mode", ["files", "tar"])

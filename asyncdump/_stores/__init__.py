@@ -28,6 +28,8 @@ __all__ = [
     "StoreError",
     "StoreSpec",
     "already_checked",
+    "checked_retry_seconds",
+    "checked_store_options",
     "is_url",
     "join_url",
     "open_destination",
@@ -80,6 +82,28 @@ class StoreSpec(NamedTuple):
     storage_options: dict[str, Any]
     overwrite: bool  # False: conditional create (If-None-Match: *) where the store has it
     retry_seconds: float  # transient errors are retried for this long per object
+
+
+def checked_store_options(root: Any, storage_options: Any) -> dict[str, Any] | None:
+    """For an object-store root, a copy of its storage options (``{}`` when None); None for a
+    local root. ``ValueError`` for storage options with a local root, ``TypeError`` for
+    options that are not a dict: a URL never becomes a local folder, and options are never
+    silently ignored."""
+    if not is_url(root):
+        if storage_options is not None:
+            raise ValueError("storage_options is only for object-store roots (scheme://...), "
+                             f"got a local root {os.fspath(root)!r}")
+        return None
+    if storage_options is not None and not isinstance(storage_options, dict):
+        raise TypeError(f"storage_options must be a dict, got {type(storage_options).__name__}")
+    return dict(storage_options or {})
+
+
+def checked_retry_seconds(value: Any) -> float:
+    """``retry_seconds`` as a float; ``ValueError`` unless it is a number >= 0."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
+        raise ValueError(f"retry_seconds must be a number >= 0, got {value!r}")
+    return float(value)
 
 
 _checked_url: contextvars.ContextVar[str | None] = contextvars.ContextVar(
