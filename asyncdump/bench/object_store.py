@@ -613,22 +613,14 @@ class FolderSinkContender(contenders.AsyncDumpContender):
 
 
 def _loop(config: Any, store: Store, log: Log) -> dict[str, Any]:
-    from .scenarios import _loop_summaries, loop_batches, make_step, run_loop
+    from .scenarios import _loop_summaries, loop_batches, loop_rounds, make_step
 
     step = make_step("sleep", config.device, config.step_ms)
     batches = loop_batches(config)
     makers: dict[str, Callable[[], contenders.Contender]] = {
         "none": lambda: contenders.make("none"), "asyncdump_folder": FolderSinkContender,
         "asyncdump_store": lambda: StoreSinkContender(store)}
-    names = list(makers)
-    rounds: dict[str, list[dict[str, Any]]] = {n: [] for n in names}
-    for r in range(config.rounds):
-        for name in names[r % len(names):] + names[:r % len(names)]:
-            result = run_loop(makers[name](), batches, config.loop_steps, step,
-                              config.work / f"store-loop-{name}")
-            rounds[name].append(result)
-            log(f"  round {r + 1}/{config.rounds} loop {name:<17} loop {result['loop_seconds']:.3f} s, "
-                f"drain {result['drain_seconds']:.3f} s, {result['written']}/{result['expected']} images")
+    rounds = loop_rounds(config, makers, batches, config.loop_steps, step, "store-loop", log)
     summaries = _loop_summaries(rounds)
     points = [s["overhead_pct"] - f["overhead_pct"] for s, f in
               zip(summaries["asyncdump_store"]["rounds"], summaries["asyncdump_folder"]["rounds"],

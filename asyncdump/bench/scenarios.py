@@ -17,8 +17,9 @@ median/min/max) for report.py.
 
 from __future__ import annotations
 
+import functools
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -146,6 +147,22 @@ def run_loop(contender: contenders.Contender, batches: list[Any], steps: int,
             "baseline_rss_bytes": rss.baseline_bytes, "latencies": latencies, **extra}
 
 
+def loop_rounds(config: Config, makers: Mapping[str, Callable[[], contenders.Contender]],
+                batches: list[Any], steps: int, step: Callable[[int], None], prefix: str,
+                log: Log) -> dict[str, list[dict[str, Any]]]:
+    """Each contender (made fresh by ``makers``) runs the loop once per round, the order
+    rotated per round; ``run_loop``'s results by contender."""
+    names = list(makers)
+    rounds: dict[str, list[dict[str, Any]]] = {n: [] for n in names}
+    for r in range(config.rounds):
+        for name in names[r % len(names):] + names[:r % len(names)]:
+            result = run_loop(makers[name](), batches, steps, step, config.work / f"{prefix}-{name}")
+            rounds[name].append(result)
+            log(f"  round {r + 1}/{config.rounds} {name:<22} loop {result['loop_seconds']:.3f} s, "
+                f"drain {result['drain_seconds']:.3f} s, {result['written']}/{result['expected']} images")
+    return rounds
+
+
 def loop_scenario(config: Config, kind: str, steps: int, log: Log) -> dict[str, Any]:
     """Scenarios 1 and 2: every contender in each round (order rotated), then summaries."""
     names = list(config.contenders)
@@ -156,15 +173,8 @@ def loop_scenario(config: Config, kind: str, steps: int, log: Log) -> dict[str, 
     step = make_step(kind, config.device, config.step_ms)
     batches = loop_batches(config)
     step(-1)  # warm-up (first conv-net call allocates)
-    rounds: dict[str, list[dict[str, Any]]] = {n: [] for n in runnable}
-    for r in range(config.rounds):
-        order = runnable[r % len(runnable):] + runnable[:r % len(runnable)]
-        for name in order:
-            result = run_loop(contenders.make(name), batches, steps, step,
-                              config.work / f"{kind}-{name}")
-            rounds[name].append(result)
-            log(f"  round {r + 1}/{config.rounds} {name:<22} loop {result['loop_seconds']:.3f} s, "
-                f"drain {result['drain_seconds']:.3f} s, {result['written']}/{result['expected']} images")
+    makers = {n: functools.partial(contenders.make, n) for n in runnable}
+    rounds = loop_rounds(config, makers, batches, steps, step, kind, log)
     return {"kind": kind, "steps": steps, "step_ms": config.step_ms if kind == "sleep" else None,
             "batch_shape": [config.batch, 3, config.size, config.size], "device": config.device,
             "skipped": skipped, "contenders": _loop_summaries(rounds)}
